@@ -1,0 +1,321 @@
+"""One launch per stage: a grouped implicit-GEMM convolution over channel slices.
+
+A *stage* is a group of convolutions ("problems") that can run at the same time because none
+reads what another writes. Every problem is an implicit GEMM
+
+    M = batch * OH * OW   (output pixels)      N = Cout   (output channels)
+    K = KH * KW * Cin     (filter taps times input channels, tap-major)
+
+    for each output pixel m and output channel n:
+        acc = sum over taps (r, s) and channels c of  src[img, oh*SH - PH + r, ow*SW - PW + s, src_c + c] * w[(r*KW + s)*Cin + c, n]
+        y   = acc * scale[n] + shift[n]          # folded BatchNorm and conv bias, in fp32
+        y   = max(y, 0) if RELU                  # NaN stays NaN, as in torch.relu
+        dst[img, oh, ow, dst_c + n] = y          # a channel slice of the block output or of `mid`
+
+A 1x1 problem may carry a pre-pool (3x3 window, stride 1, padding 1: max, average counting the
+padding, or average over the valid taps only) applied to its input as the tile is loaded.
+
+The tensors a stage touches are three buffers addressed by strides, so NCHW and NHWC are both
+just a stride choice: `x` (the stage's block input), `out` (the block output) and `mid` (the
+intermediate results of the branches that go on). A problem reads a channel slice of one buffer
+and writes its first `split` columns to a slice of one buffer and the rest to a slice of another:
+that is how the merged 1x1 reductions of an Inception block send the `branch1` columns to the
+output and the reduce columns to `mid` in a single GEMM.
+
+Problems are described by rows of a small int32 table on the device (built once per plan, see
+`fused_inception.plan`); the programs of one launch are split between the problems by their
+tile counts, so a stage is one launch however many convolutions it holds.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Autotuning (CUDA only: the interpreter cannot benchmark). Every config is tested on its own by
+# the GPU test run; keep BLOCK_K >= 16 (fp16/bf16 dots need it on the GPU).
+CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=2, num_stages=4),
+]
+# Under TRITON_INTERPRET=1 the cost is per program and per tl op, so fewer, larger tiles.
+INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+
+# True when the kernels in this module were decorated for Triton's CPU interpreter.
+INTERPRETING = bool(triton.knobs.runtime.interpret)
+
+# Buffer selectors used in the problem table.
+BUF_X = 0  # the stage input (the block input)
+BUF_OUT = 1  # the block output
+BUF_MID = 2  # intermediate results
+
+# Pre-pool kinds (3x3 window, stride 1, padding 1) applied to a 1x1 problem's input.
+POOL_NONE = 0
+POOL_MAX = 1
+POOL_AVG = 2  # count_include_pad=True: divide by 9
+POOL_AVG_EXCLUDE_PAD = 3  # count_include_pad=False: divide by the taps inside the image
+
+# Columns of the problem table, one int32 row per problem.
+FIELDS = (
+    "src", "src_c", "cin",  # source buffer, first channel of the slice, channels read
+    "kh", "kw", "sh", "sw", "ph", "pw",  # filter size, stride, zero padding
+    "pool",  # pre-pool kind
+    "ncols", "w_off", "ss_off",  # output channels, offsets into the stage's weight and scale/shift
+    "split", "dst0", "dst0_c", "dst1", "dst1_c",  # columns < split -> dst0 slice, others -> dst1
+    "relu",
+)
+F_SRC = tl.constexpr(0)
+F_SRC_C = tl.constexpr(1)
+F_CIN = tl.constexpr(2)
+F_KH = tl.constexpr(3)
+F_KW = tl.constexpr(4)
+F_SH = tl.constexpr(5)
+F_SW = tl.constexpr(6)
+F_PH = tl.constexpr(7)
+F_PW = tl.constexpr(8)
+F_POOL = tl.constexpr(9)
+F_NCOLS = tl.constexpr(10)
+F_W_OFF = tl.constexpr(11)
+F_SS_OFF = tl.constexpr(12)
+F_SPLIT = tl.constexpr(13)
+F_DST0 = tl.constexpr(14)
+F_DST0_C = tl.constexpr(15)
+F_DST1 = tl.constexpr(16)
+F_DST1_C = tl.constexpr(17)
+F_RELU = tl.constexpr(18)
+NUM_FIELDS = tl.constexpr(len(FIELDS))
+
+
+@triton.jit
+def _pick(sel, a, b, c):
+    """The value of buffer `sel` (BUF_X, BUF_OUT, BUF_MID) among three."""
+    return tl.where(sel == 0, a, tl.where(sel == 1, b, c))
+
+
+@triton.jit
+def _pooled_tile(src, img_off, oy, ox, h, w, s_h, s_w, col_off, m_ok, k_ok, pool):
+    """[BLOCK_M, BLOCK_K] tile of the 3x3/s1/p1 pool of `src` at pixels (oy, ox), in fp32."""
+    mx = tl.full((img_off.shape[0], col_off.shape[0]), float("-inf"), tl.float32)
+    total = tl.zeros((img_off.shape[0], col_off.shape[0]), tl.float32)
+    taps = tl.zeros((img_off.shape[0],), tl.float32)
+    for dy in tl.static_range(3):
+        for dx in tl.static_range(3):
+            y = oy + (dy - 1)
+            x = ox + (dx - 1)
+            ok = m_ok & (y >= 0) & (y < h) & (x >= 0) & (x < w)
+            row = img_off + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
+            mask = ok[:, None] & k_ok[None, :]
+            v = tl.load(src + row[:, None] + col_off[None, :], mask=mask, other=0.0).to(tl.float32)
+            # max_pool2d propagates NaN; padding taps never win.
+            mx = tl.where(mask, tl.maximum(mx, v, propagate_nan=tl.PropagateNan.ALL), mx)
+            total += v
+            taps += ok.to(tl.float32)
+    taps = tl.maximum(taps, 1.0)  # rows outside the problem: any nonzero divisor
+    avg = total / tl.where(pool == 2, 9.0, taps)[:, None]
+    res = tl.where(pool == 1, mx, avg)
+    return tl.where(m_ok[:, None] & k_ok[None, :], res, 0.0)
+
+
+@triton.jit
+def _conv_stage_kernel(
+    # problem table: int32 [num_problems, NUM_FIELDS]
+    table_ptr, num_problems,
+    # the stage's weights ([K, ncols] row-major per problem, concatenated), fp32 scale and shift
+    w_ptr, scale_ptr, shift_ptr,
+    # the three buffers, logical NCHW addressed through strides (n, h, w, c order below)
+    x_ptr, out_ptr, mid_ptr,
+    batch,
+    x_h, x_w, x_sn, x_sh, x_sw, x_sc,
+    o_h, o_w, o_sn, o_sh, o_sw, o_sc,
+    m_h, m_w, m_sn, m_sh, m_sw, m_sc,
+    # autotune keys only (bucketed sizes of the stage), unused in the body
+    tune_m, tune_n, tune_k,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter with bf16)
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
+):
+    tl.static_assert(BLOCK_K >= 16)
+    pid = tl.program_id(0)
+
+    # Which problem does this program belong to? Problems own consecutive ranges of programs.
+    prob = pid * 0
+    first = pid * 0
+    seen = pid * 0
+    for p in range(num_problems):
+        row = table_ptr + p * NUM_FIELDS
+        dst = tl.load(row + F_DST0)
+        m_p = batch * _pick(dst, x_h, o_h, m_h) * _pick(dst, x_w, o_w, m_w)
+        seen += tl.cdiv(m_p, BLOCK_M) * tl.cdiv(tl.load(row + F_NCOLS), BLOCK_N)
+        done = seen <= pid
+        prob += done.to(tl.int32)
+        first = tl.where(done, seen, first)
+
+    row = table_ptr + prob * NUM_FIELDS
+    src_sel = tl.load(row + F_SRC)
+    src_c = tl.load(row + F_SRC_C)
+    cin = tl.load(row + F_CIN)
+    kh = tl.load(row + F_KH)
+    kw = tl.load(row + F_KW)
+    sh = tl.load(row + F_SH)
+    sw = tl.load(row + F_SW)
+    ph = tl.load(row + F_PH)
+    pw = tl.load(row + F_PW)
+    pool = tl.load(row + F_POOL)
+    ncols = tl.load(row + F_NCOLS)
+    w_off = tl.load(row + F_W_OFF)
+    ss_off = tl.load(row + F_SS_OFF)
+    split = tl.load(row + F_SPLIT)
+    dst0 = tl.load(row + F_DST0)
+    dst0_c = tl.load(row + F_DST0_C)
+    dst1 = tl.load(row + F_DST1)
+    dst1_c = tl.load(row + F_DST1_C)
+    relu = tl.load(row + F_RELU)
+
+    # Output geometry (dst0 and dst1 have the same spatial size: the plan guarantees it).
+    oh = _pick(dst0, x_h, o_h, m_h)
+    ow = _pick(dst0, x_w, o_w, m_w)
+    m_total = batch * oh * ow
+    tiles_m = tl.cdiv(m_total, BLOCK_M)
+    local = pid - first
+    pid_m = local % tiles_m  # M fastest: neighbouring programs share a weight tile
+    pid_n = local // tiles_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < m_total
+    n_ok = offs_n < ncols
+    img = offs_m // (oh * ow)
+    pix = offs_m % (oh * ow)
+    oy = pix // ow
+    ox = pix % ow
+
+    # Source buffer of this problem.
+    src = _pick(src_sel, x_ptr, out_ptr, mid_ptr)
+    ih = _pick(src_sel, x_h, o_h, m_h)
+    iw = _pick(src_sel, x_w, o_w, m_w)
+    s_n = _pick(src_sel, x_sn, o_sn, m_sn).to(tl.int64)
+    s_h = _pick(src_sel, x_sh, o_sh, m_sh).to(tl.int64)
+    s_w = _pick(src_sel, x_sw, o_sw, m_sw).to(tl.int64)
+    s_c = _pick(src_sel, x_sc, o_sc, m_sc).to(tl.int64)
+    img_off = img.to(tl.int64) * s_n  # int64: a batch of large maps passes 2**31 elements
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(kh * kw):
+        r = tap // kw
+        s = tap % kw
+        y = oy * sh - ph + r
+        x = ox * sw - pw + s
+        pix_ok = m_ok & (y >= 0) & (y < ih) & (x >= 0) & (x < iw)
+        a_row = img_off + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
+        w_tap = w_ptr + w_off + tap * cin * ncols
+        for c0 in range(0, cin, BLOCK_K):
+            ch = c0 + offs_k
+            k_ok = ch < cin
+            a_col = (src_c + ch).to(tl.int64) * s_c
+            if pool == 0:
+                a = tl.load(src + a_row[:, None] + a_col[None, :],
+                            mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+            else:
+                a = _pooled_tile(src, img_off, oy, ox, ih, iw, s_h, s_w, a_col, m_ok, k_ok,
+                                 pool).to(src.dtype.element_ty)
+            b = tl.load(w_tap + ch[:, None] * ncols + offs_n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
+    # Epilogue while the accumulator is still fp32: folded BN / bias, ReLU, cast, slice writes.
+    scale = tl.load(scale_ptr + ss_off + offs_n, mask=n_ok, other=0.0)
+    shift = tl.load(shift_ptr + ss_off + offs_n, mask=n_ok, other=0.0)
+    out = acc * scale[None, :] + shift[None, :]
+    out = tl.where((relu != 0) & (out < 0.0), 0.0, out)
+    out = out.to(x_ptr.dtype.element_ty)
+
+    for d in tl.static_range(2):
+        if d == 0:
+            sel = dst0
+            col = dst0_c + offs_n
+            col_ok = n_ok & (offs_n < split)
+        else:
+            sel = dst1
+            col = dst1_c + offs_n - split
+            col_ok = n_ok & (offs_n >= split)
+        dst = _pick(sel, x_ptr, out_ptr, mid_ptr)
+        d_n = _pick(sel, x_sn, o_sn, m_sn).to(tl.int64)
+        d_h = _pick(sel, x_sh, o_sh, m_sh).to(tl.int64)
+        d_w = _pick(sel, x_sw, o_sw, m_sw).to(tl.int64)
+        d_c = _pick(sel, x_sc, o_sc, m_sc).to(tl.int64)
+        d_row = img.to(tl.int64) * d_n + oy.to(tl.int64) * d_h + ox.to(tl.int64) * d_w
+        tl.store(dst + d_row[:, None] + (col.to(tl.int64) * d_c)[None, :], out,
+                 mask=m_ok[:, None] & col_ok[None, :])
+
+
+def _bucket(n):
+    """Autotune key for a size: the next power of two, so batch changes don't re-tune each time."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+if INTERPRETING:
+    _stage_kernel = _conv_stage_kernel
+else:
+    _stage_kernel = triton.autotune(configs=CONFIGS, key=["tune_m", "tune_n", "tune_k"])(_conv_stage_kernel)
+
+_launches = 0
+
+
+def launch_count():
+    """Number of kernel launches made by this module since import (read by count_launches)."""
+    return _launches
+
+
+def _geometry(t):
+    """(H, W, stride_n, stride_h, stride_w, stride_c) of a logical NCHW tensor."""
+    s_n, s_c, s_h, s_w = t.stride()
+    return (t.shape[2], t.shape[3], s_n, s_h, s_w, s_c)
+
+
+def conv_stage(table, problems, weight, scale, shift, x, out, mid):
+    """Run one stage: every convolution in `table` in a single launch.
+
+    Args:
+        table: int32 tensor [P, len(FIELDS)] on x's device, one row per problem (see FIELDS).
+        problems: host copy of what the grid needs, one (dst0 buffer, ncols, K) tuple per row.
+        weight: 1-D tensor of x's dtype; problem p's [K_p, ncols_p] row-major matrix starts at
+            its row's w_off, K ordered (tap row, tap column, input channel).
+        scale, shift: 1-D fp32 tensors; problem p's columns start at its row's ss_off.
+        x, out, mid: 4-D logical NCHW tensors of one floating dtype (fp32, fp16 or bf16) with any
+            strides (NHWC, i.e. channels_last, coalesces); `mid` may be `out` when unused.
+            `out`/`mid` slices named by the table are overwritten.
+    """
+    global _launches
+    batch = x.shape[0]
+    hw = {BUF_X: x.shape[2] * x.shape[3], BUF_OUT: out.shape[2] * out.shape[3],
+          BUF_MID: mid.shape[2] * mid.shape[3]}
+    if batch == 0:
+        return
+
+    def grid(meta):
+        return (sum(triton.cdiv(batch * hw[dst], meta["BLOCK_M"]) * triton.cdiv(ncols, meta["BLOCK_N"])
+                    for dst, ncols, _ in problems),)
+
+    dot_in_fp32 = INTERPRETING and x.dtype == torch.bfloat16  # triton#11584: bf16 dot is wrong there
+    precision = "tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32) else "ieee"
+    meta = {} if not INTERPRETING else dict(INTERPRETER_CONFIG)
+    _stage_kernel[grid](
+        table, table.shape[0],
+        weight, scale, shift,
+        x, out, mid,
+        batch,
+        *_geometry(x), *_geometry(out), *_geometry(mid),
+        _bucket(batch * max(hw.values())), _bucket(sum(p[1] for p in problems)),
+        _bucket(max(p[2] for p in problems)),
+        DOT_IN_FP32=dot_in_fp32, INPUT_PRECISION=precision,
+        **meta,
+    )
+    _launches += 1

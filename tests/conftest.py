@@ -1,0 +1,77 @@
+"""Test setup: run the Triton kernels through Triton's CPU interpreter on this GPU-less machine.
+
+TRITON_INTERPRET must be set before the kernels are decorated, i.e. before anything imports
+fused_inception; pytest loads this file first. On a machine with a GPU, set FUSED_INCEPTION_DEVICE=cuda
+(and TRITON_INTERPRET=0) to run the same tests on CUDA.
+"""
+
+import math
+import os
+
+DEVICE = os.environ.get("FUSED_INCEPTION_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fused_inception.kernels import conv as kconv  # noqa: E402
+
+# Tolerances, stated once: max |fused - reference| <= TOL[dtype] * max |reference|, with the
+# reference computed in float64 where a test can (fp32 on the GPU uses TF32 unless disabled).
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def assert_close_rel(actual, expected, tol, what=""):
+    """max |actual - expected| <= tol * max |expected| (and the same NaN pattern)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.equal(a.isnan(), e.isnan()), f"{what}: NaN positions differ"
+    a, e = a.nan_to_num(), e.nan_to_num()
+    scale = e.abs().max().item()
+    err = (a - e).abs().max().item() if a.numel() else 0.0
+    assert err <= tol * max(scale, 1e-30), f"{what}: max abs error {err:.3e} > {tol:g} * max |ref| {scale:.3e}"
+    return err
+
+
+def randomize_(model, seed=0):
+    """Weights and BN statistics that keep activations O(1) through a deep net, so that a wrong
+    kernel cannot hide behind vanishing features (torchvision's init makes logits ~ fc bias)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+@pytest.fixture
+def device():
+    return torch.device(DEVICE)
+
+
+@pytest.fixture
+def interpreter_launches(monkeypatch):
+    """Independent launch count: Triton's interpreter calls InterpretedFunction.run once per launch."""
+    if not kconv.INTERPRETING:
+        pytest.skip("counts interpreter launches; the GPU run counts with fused_inception.count_launches")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    calls = []
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return calls
