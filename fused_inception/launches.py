@@ -2,6 +2,8 @@
 
 import contextlib
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from fused_inception.kernels import conv as kconv
 
 
@@ -38,3 +40,36 @@ def count_launches():
         yield count
     finally:
         count._end = kconv.launch_count()
+
+
+class _TorchKernelCounter(TorchDispatchMode):
+    """Counts the ATen operators that launch a kernel: views and allocations don't."""
+
+    _FREE = {"empty", "empty_strided", "empty_like", "detach", "t", "alias", "lift_fresh", "_to_copy_meta"}
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not (func.is_view or name in self._FREE):
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def value(self):
+        return len(self.names)
+
+
+@contextlib.contextmanager
+def count_torch_kernels():
+    """Count the kernels launched by torch operators inside the block (eager PyTorch's launches).
+
+    `.value` is the count, `.names` the operators, e.g. for torchvision's GoogLeNet block:
+    6 convolutions, 6 batch norms, 6 ReLUs, 1 max pool and 1 cat = 20. Triton launches don't go
+    through the dispatcher: add `count_launches()` for a fused model's total.
+    """
+    mode = _TorchKernelCounter()
+    with mode:
+        yield mode

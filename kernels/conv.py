@@ -27,7 +27,10 @@ Problems are described by rows of a small int32 table on the device (built once 
 tile counts, so a stage is one launch however many convolutions it holds.
 """
 
+import contextlib
+
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 import triton
 import triton.language as tl
 
@@ -307,6 +310,14 @@ def conv_stage(table, problems, weight, scale, shift, x, out, mid):
     dot_in_fp32 = INTERPRETING and x.dtype == torch.bfloat16  # triton#11584: bf16 dot is wrong there
     precision = "tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32) else "ieee"
     meta = {} if not INTERPRETING else dict(INTERPRETER_CONFIG)
+    # The interpreter emulates the launch with torch ops on the host; hide them from dispatch
+    # modes (launch counters, tracers) as a GPU launch would be.
+    with _disable_current_modes() if INTERPRETING else contextlib.nullcontext():
+        _launch(grid, meta, table, problems, weight, scale, shift, x, out, mid, batch, hw, dot_in_fp32, precision)
+    _launches += 1
+
+
+def _launch(grid, meta, table, problems, weight, scale, shift, x, out, mid, batch, hw, dot_in_fp32, precision):
     _stage_kernel[grid](
         table, table.shape[0],
         weight, scale, shift,
@@ -318,4 +329,3 @@ def conv_stage(table, problems, weight, scale, shift, x, out, mid):
         DOT_IN_FP32=dot_in_fp32, INPUT_PRECISION=precision,
         **meta,
     )
-    _launches += 1

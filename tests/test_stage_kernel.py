@@ -1,0 +1,150 @@
+"""The stage kernel against F.conv2d (+ BN + ReLU, + pool) for each geometry it supports.
+
+Channel counts are deliberately not multiples of 16 and spatial sizes odd, so every mask of
+the tiles (pixels, input channels, output channels) is exercised.
+"""
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from conftest import TOL, assert_close_rel, randomize_
+from fused_inception import count_launches
+from fused_inception.kernels import conv as kconv
+from fused_inception.plan import BlockGraph, ConvNode, build_plan
+
+# (kernel, stride, padding): each kernel size an Inception network uses, with strides 1 and 2
+# and "same", zero and asymmetric padding.
+GEOMETRIES = [
+    ((1, 1), 1, (0, 0)),
+    ((1, 1), 2, (0, 0)),
+    ((3, 3), 1, (1, 1)),
+    ((3, 3), 2, (0, 0)),
+    ((3, 3), 2, (1, 1)),
+    ((5, 5), 1, (2, 2)),
+    ((1, 7), 1, (0, 3)),
+    ((7, 1), 1, (3, 0)),
+    ((1, 3), 1, (0, 1)),
+    ((3, 1), 1, (1, 0)),
+    ((7, 7), 2, (3, 3)),
+]
+
+
+def conv_node(cin, cout, kernel, stride, padding, bn=True, bias=False, relu=True, **kw):
+    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias)
+    return ConvNode(conv, nn.BatchNorm2d(cout, eps=1e-3) if bn else None, relu=relu, **kw)
+
+
+def reference(graph, x):
+    """The graph's eager math in float64 on copies of its modules."""
+    import copy
+
+    g = copy.deepcopy(graph)
+    for node in g.nodes:
+        for m in (node.conv, node.bn):
+            if m is not None:
+                m.double().eval()
+    with torch.no_grad():
+        return g.eager(x.double())
+
+
+def run_fused(graph, x):
+    plan = build_plan(graph, x.device, x.dtype)
+    with torch.no_grad(), count_launches() as n:
+        y = plan.run(x, torch.contiguous_format)
+    return y, n.value, plan
+
+
+def modules_of(graph):
+    return nn.ModuleList([m for node in graph.nodes for m in (node.conv, node.bn) if m is not None])
+
+
+@pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES, ids=lambda v: str(v).replace(" ", ""))
+def test_conv_geometry(kernel, stride, padding, device):
+    graph = BlockGraph([conv_node(19, 37, kernel, stride, padding)], [0], in_channels=19)
+    randomize_(modules_of(graph), seed=hash((kernel, stride, padding)) % 1000).to(device)
+    x = torch.randn(2, 19, 11, 9, device=device)
+    y, launches, _ = run_fused(graph, x)
+    assert launches == 1
+    assert_close_rel(y, reference(graph, x), TOL[torch.float32], f"{kernel} s{stride} p{padding}")
+
+
+@pytest.mark.parametrize("bn,bias,relu", [(False, True, True), (True, True, False), (False, False, False)])
+def test_epilogue_variants(bn, bias, relu, device):
+    """conv bias with and without BN (bias folded into the shift), and no ReLU."""
+    graph = BlockGraph([conv_node(21, 70, (3, 3), 1, (1, 1), bn=bn, bias=bias, relu=relu)], [0], in_channels=21)
+    randomize_(modules_of(graph), seed=7).to(device)
+    x = torch.randn(1, 21, 7, 10, device=device)
+    y, _, _ = run_fused(graph, x)
+    expected = reference(graph, x)
+    assert_close_rel(y, expected, TOL[torch.float32])
+    assert bool((y < 0).any()) == (not relu)
+
+
+@pytest.mark.parametrize("pool", [
+    nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True),
+    nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=True),
+    nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
+], ids=["max", "avg_include_pad", "avg_exclude_pad"])
+def test_pre_pool(pool, device):
+    graph = BlockGraph([conv_node(23, 33, (1, 1), 1, (0, 0), pool=pool)], [0], in_channels=23)
+    randomize_(modules_of(graph), seed=5).to(device)
+    x = torch.randn(2, 23, 7, 5, device=device)
+    y, launches, _ = run_fused(graph, x)
+    assert launches == 1
+    assert_close_rel(y, reference(graph, x), TOL[torch.float32], str(pool))
+
+
+def test_slices_at_nonzero_offsets_and_merged_gemm(device):
+    """A miniature block: two 1x1 convs merged into one GEMM whose columns go to an output slice
+    and a mid slice, a pooled 1x1, and a second stage reading mid at a nonzero channel offset and
+    writing the output at a nonzero offset (outputs listed out of node order)."""
+    nodes = [
+        conv_node(29, 13, (1, 1), 1, (0, 0)),  # 0 -> out
+        conv_node(29, 11, (1, 1), 1, (0, 0)),  # 1 -> mid [0, 11)
+        conv_node(29, 17, (1, 1), 1, (0, 0)),  # 2 -> mid [11, 28)
+        conv_node(11, 19, (3, 3), 1, (1, 1), src=1),  # 3
+        conv_node(17, 9, (1, 7), 1, (0, 3), src=2),  # 4 reads mid at channel 11
+        conv_node(29, 7, (1, 1), 1, (0, 0), pool=nn.MaxPool2d(3, 1, 1)),  # 5
+    ]
+    graph = BlockGraph(nodes, outputs=[4, 0, 5, 3], in_channels=29)
+    randomize_(modules_of(graph), seed=11).to(device)
+    x = torch.randn(3, 29, 6, 7, device=device)
+    y, launches, plan = run_fused(graph, x)
+    assert launches == 2
+    assert plan.stages[0].nodes[0] == (0, 1, 2)  # one GEMM for the three 1x1s on the input
+    assert plan.mid_channels == 28
+    assert_close_rel(y, reference(graph, x), TOL[torch.float32])
+
+
+def test_direct_launch_reads_and_writes_slices(device):
+    """conv_stage itself: read x[:, 5:5+cin] of an NHWC buffer, write out[:, 7:7+cout] of an NCHW
+    buffer, leaving the other channels untouched."""
+    cin, cout = 6, 10
+    x = torch.randn(2, 20, 5, 5, device=device).to(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin, 3, 3, device=device)
+    scale = torch.rand(cout, device=device) + 0.5
+    shift = torch.randn(cout, device=device)
+    out = torch.full((2, 30, 5, 5), float("nan"), device=device)
+    row = dict(src=kconv.BUF_X, src_c=5, cin=cin, kh=3, kw=3, sh=1, sw=1, ph=1, pw=1, pool=kconv.POOL_NONE,
+               ncols=cout, w_off=0, ss_off=0, split=cout, dst0=kconv.BUF_OUT, dst0_c=7, dst1=kconv.BUF_OUT,
+               dst1_c=7, relu=0)
+    table = torch.tensor([[row[f] for f in kconv.FIELDS]], dtype=torch.int32, device=device)
+    weight = w.permute(2, 3, 1, 0).reshape(-1).contiguous()
+    kconv.conv_stage(table, ((kconv.BUF_OUT, cout, 9 * cin),), weight, scale, shift, x, out, out)
+    expected = F.conv2d(x[:, 5:5 + cin].double(), w.double(), padding=1) * scale.double().view(1, -1, 1, 1) \
+        + shift.double().view(1, -1, 1, 1)
+    assert_close_rel(out[:, 7:7 + cout], expected, TOL[torch.float32])
+    assert out[:, :7].isnan().all() and out[:, 7 + cout:].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_geometry(dtype, device):
+    graph = BlockGraph([conv_node(18, 24, (3, 3), 1, (1, 1)),
+                        conv_node(18, 8, (1, 1), 1, (0, 0), pool=nn.AvgPool2d(3, 1, 1))], [0, 1], in_channels=18)
+    randomize_(modules_of(graph), seed=3).to(device)
+    x = torch.randn(2, 18, 9, 9, device=device)
+    y, _, _ = run_fused(graph, x.to(dtype))
+    assert y.dtype == dtype
+    assert_close_rel(y, reference(graph, x), TOL[dtype], str(dtype))
