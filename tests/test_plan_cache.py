@@ -1,0 +1,87 @@
+"""A stale plan never produces an answer: every way the weights or the mode change is seen."""
+
+import pytest
+import torch
+
+from conftest import TOL, assert_close_rel, randomize_
+from fused_inception import FusedInception
+
+ARGS = (24, 8, 8, 16, 4, 8, 8)
+
+
+@pytest.fixture
+def block():
+    return randomize_(FusedInception(*ARGS), 0).eval()
+
+
+def check(block, x):
+    """Fused (plan) output equals the eager graph for the module's current state."""
+    with torch.no_grad():
+        assert block.uses_kernels(x)
+        y = block(x)
+        expected = block.graph().eager(x)
+    assert_close_rel(y, expected, TOL[torch.float32])
+    return y
+
+
+@pytest.fixture
+def x():
+    return torch.randn(2, 24, 5, 5)
+
+
+def test_plan_is_cached(block, x):
+    check(block, x)
+    plan = block.plan()
+    check(block, x)
+    assert block.plan() is plan
+
+
+def test_load_state_dict(block, x):
+    before = check(block, x)
+    block.load_state_dict(randomize_(FusedInception(*ARGS), 1).state_dict())
+    after = check(block, x)
+    assert not torch.allclose(before, after)
+
+
+def test_optimizer_step(block, x):
+    before = check(block, x)
+    opt = torch.optim.SGD(block.parameters(), lr=0.5)
+    block(x.requires_grad_()).square().sum().backward()
+    opt.step()
+    after = check(block, x.detach())
+    assert not torch.allclose(before, after)
+
+
+def test_train_eval_flip_updates_running_stats(block, x):
+    before = check(block, x)
+    block.train()
+    block(x)  # updates running stats (eager, batch statistics)
+    block.eval()
+    after = check(block, x)
+    assert not torch.allclose(before, after)
+
+
+def test_to_dtype_and_half(block, x):
+    check(block, x)
+    block.half()
+    with torch.no_grad():
+        y = block(x.half())
+        expected = block.float().graph().eager(x)
+    assert y.dtype == torch.float16
+    assert_close_rel(y, expected, TOL[torch.float16])
+    check(block, x)  # back to float32
+
+
+def test_replaced_submodule(block, x):
+    before = check(block, x)
+    block.branch1.bn = randomize_(torch.nn.BatchNorm2d(8, eps=1e-3), 5).eval()
+    after = check(block, x)
+    assert not torch.allclose(before, after)
+
+
+def test_write_through_data_needs_invalidate(block, x):
+    """Writes through `.data` are invisible to autograd's version counter: the documented remedy."""
+    check(block, x)
+    block.branch1.conv.weight.data.mul_(2)
+    block.invalidate_plan()
+    check(block, x)
