@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Everything a lent GPU should check, in one call; raw output goes to $OUT (the device tool's
+# folder) or bench/results/<date>-<gpu>/. Usage: bash bench/gpu_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
+out=${OUT:-bench/results/$(date +%Y%m%d)-$gpu}
+mkdir -p "$out"
+nvidia-smi > "$out/nvidia-smi.txt"
+python -c "import torch, triton, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'triton', triton.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())" > "$out/versions.txt"
+# The test suite on CUDA (fp32 with TF32 off, fp16/bf16 where the tests have them).
+FUSED_INCEPTION_DEVICE=cuda python -m pytest -q tests -rs 2>&1 | tee "$out/pytest-cuda.txt"
+# The fusion report at 224x224: fp32 NCHW and bf16 channels_last, batch 1/32/256.
+for batch in 1 32 256; do
+  python -m fused_inception --device cuda --batch "$batch" --size 224 2>&1 | tee "$out/report-fp32-b$batch.txt"
+  python -m fused_inception --device cuda --batch "$batch" --size 224 --dtype bfloat16 --channels-last 2>&1 \
+    | tee "$out/report-bf16-cl-b$batch.txt"
+done

@@ -1,0 +1,208 @@
+"""The fusion report: per block of GoogLeNet, eager vs fused launches, bytes moved, error and time.
+
+`python -m fused_inception --help` runs it. The fused model and torchvision's reference share one
+state_dict and one input; each block is run on the input the reference block received, so its
+error is its own (the whole-network row compares logits end to end).
+
+Bytes moved is a model, not a measurement: every tensor an operator reads or writes crosses DRAM
+once (eager: conv reads input and weights and writes its output, BN and ReLU read and write it
+again, a pool reads and writes, cat reads every branch and writes the block; fused: each stage
+reads each source slice and weight once and writes each result once). Caches make both smaller
+on a real GPU; the ratio is the point.
+"""
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fused_inception.launches import count_launches, count_torch_kernels
+
+BLOCK_NAMES = ["conv1", "conv2", "conv3", "inception3a", "inception3b", "inception4a", "inception4b",
+               "inception4c", "inception4d", "inception4e", "inception5a", "inception5b"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def informative_init_(model, seed=0):
+    """Random He-normal weights and random BN statistics (in place; returns model).
+
+    torchvision's GoogLeNet init (std 0.01) makes deep activations vanish, so the logits are
+    nearly the fc bias and any kernel error would hide; this keeps activations O(1).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def traffic(block, x_shape, elem_size):
+    """(eager bytes, fused bytes) moved by one forward of a FusedBlock on an input of x_shape."""
+    graph, plan = block.graph(), block.plan()
+    n, _, h, w = x_shape
+    (oh, ow), _ = plan.sizes(h, w)
+    hw = []
+    eager = 0
+    for node in graph.nodes:
+        cin, cout = node.conv.in_channels, node.conv.out_channels
+        ih, iw = (h, w) if node.src is None else hw[node.src]
+        kh, kw = node.conv.kernel_size
+        sh, sw = node.conv.stride
+        ph, pw = node.conv.padding
+        hw.append(((ih + 2 * ph - kh) // sh + 1, (iw + 2 * pw - kw) // sw + 1))
+        inp, out = n * cin * ih * iw, n * cout * hw[-1][0] * hw[-1][1]
+        eager += inp + node.conv.weight.numel() + out  # conv
+        eager += 2 * out * ((node.bn is not None) + node.relu)  # BN, ReLU: read and write
+        eager += 2 * inp if node.pool is not None else 0
+    if len(graph.outputs) > 1:
+        eager += 2 * n * plan.out_channels * oh * ow  # cat
+    fused = 0
+    for stage in plan.stages:
+        for (dst, ncols, k), members in zip(stage.problems, stage.nodes):
+            node = graph.nodes[members[0]]
+            ih, iw = (h, w) if node.src is None else hw[node.src]
+            fused += n * node.conv.in_channels * ih * iw + k * ncols + n * ncols * hw[members[0]][0] * hw[members[0]][1]
+    return eager * elem_size, fused * elem_size
+
+
+def gpu_ms(fn):
+    """Median milliseconds of fn() on the GPU (triton.testing.do_bench: warm-up, L2 flush, CUDA events)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+@dataclass
+class Row:
+    name: str
+    eager_launches: int
+    fused_launches: int
+    eager_mb: float
+    fused_mb: float
+    max_abs_err: float
+    max_abs_ref: float
+    eager_ms: float = float("nan")
+    fused_ms: float = float("nan")
+
+
+def build_models(seed, dtype, device, memory_format):
+    import torchvision
+
+    from fused_inception.models import googlenet
+
+    torch.manual_seed(seed)
+    ref = informative_init_(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True), seed)
+    fused = googlenet(aux_logits=False)
+    fused.load_state_dict(ref.state_dict())
+    ref = ref.eval().to(device=device, dtype=dtype, memory_format=memory_format)
+    fused = fused.eval().to(device=device, dtype=dtype, memory_format=memory_format)
+    return ref, fused
+
+
+def run_report(batch=2, size=64, dtype=torch.float32, device="cpu", seed=0, channels_last=False):
+    """Build GoogLeNet, compare fused against torchvision per block; returns the rows (last: whole net)."""
+    device = torch.device(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    ref, fused = build_models(seed, dtype, device, memory_format)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    x = x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    timed = device.type == "cuda"
+
+    inputs = {}
+    hooks = [getattr(ref, name).register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0]))
+             for name in BLOCK_NAMES]
+    rows = []
+    with torch.no_grad():
+        with count_torch_kernels() as eager_total:
+            logits_ref = ref(x)
+        for h in hooks:
+            h.remove()
+        for name in BLOCK_NAMES:
+            r, f, xin = getattr(ref, name), getattr(fused, name), inputs[name]
+            f.plan()  # built outside the count, as after the first forward
+            with count_torch_kernels() as eager_k:
+                expected = r(xin)
+            with count_launches() as launches, count_torch_kernels() as torch_k:
+                y = f(xin)
+            eager_b, fused_b = traffic(f, xin.shape, xin.element_size())
+            row = Row(name, eager_k.value, launches.value + torch_k.value, eager_b / 1e6, fused_b / 1e6,
+                      (y.float() - expected.float()).abs().max().item(), expected.float().abs().max().item())
+            if timed:
+                row.eager_ms, row.fused_ms = gpu_ms(lambda: r(xin)), gpu_ms(lambda: f(xin))
+            rows.append(row)
+        with count_launches() as launches, count_torch_kernels() as torch_k:
+            logits = fused(x)
+        total = Row("GoogLeNet (whole; MB: blocks only)", eager_total.value, launches.value + torch_k.value,
+                    sum(r.eager_mb for r in rows), sum(r.fused_mb for r in rows),
+                    (logits.float() - logits_ref.float()).abs().max().item(), logits_ref.float().abs().max().item())
+        if timed:
+            total.eager_ms, total.fused_ms = gpu_ms(lambda: ref(x)), gpu_ms(lambda: fused(x))
+        rows.append(total)
+    return rows
+
+
+def format_table(rows, timed):
+    head = ["block", "eager launches", "fused launches", "eager MB", "fused MB", "max abs err", "max |ref|"]
+    if timed:
+        head += ["eager ms", "fused ms", "speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.name, str(r.eager_launches), str(r.fused_launches), f"{r.eager_mb:.2f}", f"{r.fused_mb:.2f}",
+                 f"{r.max_abs_err:.2e}", f"{r.max_abs_ref:.2e}"]
+        if timed:
+            cells += [f"{r.eager_ms:.3f}", f"{r.fused_ms:.3f}", f"{r.eager_ms / r.fused_ms:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="python -m fused_inception",
+        description="Fusion report for GoogLeNet: per block, eager vs fused kernel launches, modelled bytes "
+                    "moved, max abs error against torchvision, and time per block on a GPU. Without a GPU the "
+                    "kernels run in Triton's CPU interpreter (slow: keep the input small).")
+    p.add_argument("--model", default="googlenet", choices=["googlenet"], help="network to report on")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 2 on CPU, 32 on CUDA)")
+    p.add_argument("--size", type=int, default=None, help="input height and width (default: 64 on CPU, 224 on CUDA)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model and input dtype")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="cuda: Triton on the GPU, timed; cpu: Triton's interpreter; auto: cuda if available")
+    p.add_argument("--channels-last", action="store_true", help="run both models and the input in channels_last")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and input")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from fused_inception.kernels import conv as kconv
+
+    if device == "cpu" and not kconv.INTERPRETING:
+        raise SystemExit("the kernels run on CPU only in Triton's interpreter: "
+                         "run with TRITON_INTERPRET=1 (python -m fused_inception does this itself)")
+    batch = args.batch or (32 if device == "cuda" else 2)
+    size = args.size or (224 if device == "cuda" else 64)
+    start = time.perf_counter()
+    rows = run_report(batch, size, DTYPES[args.dtype], device, args.seed, args.channels_last)
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter (no timings)"
+    print(f"GoogLeNet fusion report: input {batch}x3x{size}x{size} {args.dtype}"
+          f"{' channels_last' if args.channels_last else ''}, {where}")
+    print(f"torch {torch.__version__}, triton {__import__('triton').__version__}; launches = Triton launches + "
+          "torch kernels (eager: ATen operators that launch a kernel)")
+    print(format_table(rows, device == "cuda"))
+    print(f"({time.perf_counter() - start:.1f} s)")
+    return rows

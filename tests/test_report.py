@@ -1,0 +1,29 @@
+"""The main job, `python -m fused_inception`, on a small input through the interpreter."""
+
+import subprocess
+import sys
+
+from fused_inception.report import main
+
+
+def test_report_rows(capsys):
+    rows = main(["--batch", "1", "--size", "32", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "| inception3a | 20 | 2 |" in out
+    blocks = {r.name: r for r in rows}
+    for name in ("conv1", "conv2", "conv3"):
+        assert (blocks[name].eager_launches, blocks[name].fused_launches) == (3, 1)
+    for r in rows[3:-1]:
+        assert (r.eager_launches, r.fused_launches) == (20, 2), r.name
+        assert r.fused_mb < r.eager_mb, r.name
+        assert r.max_abs_err <= 1e-4 * r.max_abs_ref, r.name
+    whole = rows[-1]
+    assert (whole.eager_launches, whole.fused_launches) == (195, 27)
+    assert whole.max_abs_err <= 5e-4 * whole.max_abs_ref
+
+
+def test_help_explains_the_options():
+    r = subprocess.run([sys.executable, "-m", "fused_inception", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for option in ("--batch", "--size", "--dtype", "--device"):
+        assert option in r.stdout
