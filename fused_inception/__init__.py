@@ -1,8 +1,9 @@
 """fused-inception: Triton kernels that run Inception blocks in one launch per stage.
 
 Public API:
-    FusedInception, FusedBasicConv2d, BasicConv2d -- drop-in modules (torchvision's arguments and keys)
-    models.googlenet -- GoogLeNet built from them
+    FusedInception, FusedInceptionA..E, FusedBasicConv2d -- drop-in modules (torchvision's arguments and keys)
+    fuse(model) -- find Inception-style blocks in any model by their dataflow and swap fused ones in
+    models.googlenet, models.inception_v3 -- whole networks built from them
     count_launches -- context manager counting fused kernel launches
 
 Set TRITON_INTERPRET=1 before importing to run the kernels on CPU tensors through Triton's
@@ -10,10 +11,14 @@ interpreter (slow; for tests). Without it, CPU tensors take the eager fallback.
 """
 
 from fused_inception import models
-from fused_inception.blocks import BasicConv2d, FusedBasicConv2d, FusedBlock, FusedInception, InceptionAux
+from fused_inception.blocks import (BasicConv2d, FusedBasicConv2d, FusedBlock, FusedGraphBlock, FusedInception,
+                                    FusedInceptionA, FusedInceptionAux, FusedInceptionB, FusedInceptionC,
+                                    FusedInceptionD, FusedInceptionE, InceptionAux)
+from fused_inception.fuse import FuseReport, fuse
 from fused_inception.launches import LaunchCount, count_launches
 from fused_inception.plan import UnsupportedBlock
 
-__all__ = ["BasicConv2d", "FusedBasicConv2d", "FusedBlock", "FusedInception", "InceptionAux", "LaunchCount",
-           "UnsupportedBlock", "count_launches", "models"]
+__all__ = ["BasicConv2d", "FuseReport", "FusedBasicConv2d", "FusedBlock", "FusedGraphBlock", "FusedInception",
+           "FusedInceptionA", "FusedInceptionAux", "FusedInceptionB", "FusedInceptionC", "FusedInceptionD",
+           "FusedInceptionE", "InceptionAux", "LaunchCount", "UnsupportedBlock", "count_launches", "fuse", "models"]
 __version__ = "0.1.0"

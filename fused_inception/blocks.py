@@ -1,16 +1,16 @@
 """Drop-in fused modules: torchvision's constructor arguments, child names and state_dict keys.
 
-`FusedBlock` is the mechanism: a subclass says what its graph is (`graph()`), and `forward`
-checks the input, picks a backend and runs the cached plan. Backends:
+`FusedBlock` is the mechanism. A subclass writes its math once, as `eager_forward` (torchvision's
+forward, verbatim); the block's graph is recognised from it by `pattern.recipe_of` (torch.fx),
+and `forward` checks the input, picks a backend and runs the cached plan. Backends:
 
 - Triton: on CUDA tensors, and on CPU tensors when Triton's interpreter is on (TRITON_INTERPRET=1
   set before `fused_inception` is imported). Used in eval mode; one launch per stage.
-- eager: the reference math with torch ops (the block's own submodules). Used in train mode
-  (batch statistics, running-stat updates, autograd exactly as nn.BatchNorm2d), under autocast,
-  for float64, and on CPU without the interpreter.
+- eager: `eager_forward`. Used in train mode (batch statistics, running-stat updates, autograd
+  exactly as nn.BatchNorm2d), under autocast, for float64, and on CPU without the interpreter.
 
 In eval mode with autograd recording (parameters or input requiring grad and grad enabled), the
-fused forward is wrapped in an autograd.Function whose backward recomputes the eager graph.
+fused forward is wrapped in an autograd.Function whose backward recomputes `eager_forward`.
 """
 
 import torch
@@ -18,7 +18,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from fused_inception.kernels import conv as kconv
-from fused_inception.plan import BlockGraph, ConvNode, UnsupportedBlock, build_plan
+from fused_inception.pattern import recipe_of
+from fused_inception.plan import build_plan, check_graph
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -71,30 +72,51 @@ class _EvalFunction(torch.autograd.Function):
                                "backward; the recomputed graph would use batch statistics")
         with torch.enable_grad():
             xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
-            y = ctx.block.graph().eager(xd)
+            y = ctx.block.eager_forward(xd)
         wanted = [t for t, need in zip([xd] + params, ctx.needs_input_grad[1:]) if need]
         grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
         return (None,) + tuple(next(grads) if need else None for need in ctx.needs_input_grad[1:])
 
 
 class FusedBlock(nn.Module):
-    """Base class: subclasses implement `graph()` (a `plan.BlockGraph` over their submodules)."""
+    """Base class of the fused modules.
 
-    def graph(self):  # pragma: no cover - abstract
+    A subclass builds its submodules, defines `eager_forward(x)` (the reference math) and calls
+    `self._init_fused()` at the end of `__init__`, which recognises the block from `eager_forward`
+    (raising `UnsupportedBlock` with the reason if it can't be fused).
+    """
+
+    _is_fused_block = True  # fx leaves, and fuse() skips these
+
+    def _init_fused(self, recipe=None):
+        self._recipe = recipe if recipe is not None else recipe_of(self, "eager_forward", allow_single=True)
+        graph = self._recipe.graph(self)
+        check_graph(graph)  # an unfusable block fails here, not at its first forward
+        self._in_channels = graph.in_channels
+        self.invalidate_plan()
+
+    def eager_forward(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def graph(self):
+        """The block's `plan.BlockGraph` over its current submodules."""
+        return self._recipe.graph(self)
+
+    @property
+    def launches(self):
+        """Kernel launches of a fused eval forward: the number of stages (the longest chain)."""
+        return self._recipe.launches
+
     def _tracked_params(self):
-        return [p for p in self.parameters()]
+        return list(self.parameters())
 
     def _plan_key(self, like):
         # Everything a plan is derived from: any in-place update bumps _version (optimizer steps,
         # load_state_dict, running stats), .to()/.half() change dtype, device and data_ptr, and a
         # replaced submodule changes the ids. Writes through `.data` bypass _version: call
         # `invalidate_plan()` after those.
-        return (like.device, like.dtype, tuple((id(t), t._version, t.data_ptr()) for t in self._state_tensors()))
-
-    def _state_tensors(self):
-        return list(self.parameters()) + list(self.buffers())
+        tensors = list(self.parameters()) + list(self.buffers())
+        return (like.device, like.dtype, tuple((id(t), t._version, t.data_ptr()) for t in tensors))
 
     def invalidate_plan(self):
         """Drop the cached plan (it is rebuilt on the next fused forward)."""
@@ -109,7 +131,7 @@ class FusedBlock(nn.Module):
         """The current plan for this block's parameters (built, or taken from the cache)."""
         like = next(self.parameters())
         key = self._plan_key(like)
-        if getattr(self, "_fused_plan_key", None) != key:
+        if self._fused_plan_key != key:
             self._fused_plan = build_plan(self.graph(), like.device, like.dtype)
             self._fused_plan_key = key
         return self._fused_plan
@@ -124,24 +146,12 @@ class FusedBlock(nn.Module):
 
     def forward(self, x):
         like = next(self.parameters())
-        check_input(x, self.graph_in_channels(), like, type(self).__name__)
+        check_input(x, self._in_channels, like, type(self).__name__)
         if not self.uses_kernels(x):
-            return self.graph().eager(x)
+            return self.eager_forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._tracked_params())):
             return _EvalFunction.apply(self, x, *self._tracked_params())
         return self._run_plan(x)
-
-    def graph_in_channels(self):
-        raise NotImplementedError
-
-
-def _conv_unit(module):
-    """(conv, bn) of a BasicConv2d-style unit whose forward is relu(bn(conv(x))), or raise."""
-    if isinstance(module, BasicConv2d) or (type(module).__name__ == "BasicConv2d"
-                                           and type(module).__module__.startswith("torchvision.models")):
-        return module.conv, module.bn
-    raise UnsupportedBlock(f"conv_block {type(module).__module__}.{type(module).__name__} is not a "
-                           "BasicConv2d (conv -> BatchNorm2d -> ReLU); fused blocks can't know what it computes")
 
 
 class BasicConv2d(nn.Module):
@@ -171,12 +181,10 @@ class FusedBasicConv2d(FusedBlock):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **kwargs)
         self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+        self._init_fused()
 
-    def graph_in_channels(self):
-        return self.conv.in_channels
-
-    def graph(self):
-        return BlockGraph([ConvNode(self.conv, self.bn)], [0], self.conv.in_channels)
+    def eager_forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
 class FusedInception(FusedBlock):
@@ -188,7 +196,8 @@ class FusedInception(FusedBlock):
     of the output, so there is no torch.cat.
 
     Args: as torchvision's `Inception(in_channels, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5,
-    pool_proj, conv_block=None)`; `conv_block` must build BasicConv2d-style units.
+    pool_proj, conv_block=None)`; `conv_block` must build units whose forward is conv -> BN? ->
+    ReLU? (torchvision's BasicConv2d is one); anything else raises UnsupportedBlock.
 
     Example:
         >>> block = FusedInception(192, 64, 96, 128, 16, 32, 32).eval()
@@ -201,7 +210,6 @@ class FusedInception(FusedBlock):
         super().__init__()
         if conv_block is None:
             conv_block = BasicConv2d
-        self.in_channels = in_channels
         self.branch1 = conv_block(in_channels, ch1x1, kernel_size=1)
         self.branch2 = nn.Sequential(
             conv_block(in_channels, ch3x3red, kernel_size=1), conv_block(ch3x3red, ch3x3, kernel_size=3, padding=1)
@@ -215,25 +223,10 @@ class FusedInception(FusedBlock):
             nn.MaxPool2d(kernel_size=3, stride=1, padding=1, ceil_mode=True),
             conv_block(in_channels, pool_proj, kernel_size=1),
         )
-        self.graph()  # fail at construction, not at the first forward, if conv_block is unknown
+        self._init_fused()
 
-    def graph_in_channels(self):
-        return self.in_channels
-
-    def graph(self):
-        def node(unit, src=None, pool=None):
-            conv, bn = _conv_unit(unit)
-            return ConvNode(conv, bn, relu=True, src=src, pool=pool)
-
-        nodes = [
-            node(self.branch1),  # 0
-            node(self.branch2[0]),  # 1
-            node(self.branch2[1], src=1),  # 2
-            node(self.branch3[0]),  # 3
-            node(self.branch3[1], src=3),  # 4
-            node(self.branch4[1], pool=self.branch4[0]),  # 5
-        ]
-        return BlockGraph(nodes, outputs=[0, 2, 4, 5], in_channels=self.in_channels)
+    def eager_forward(self, x):
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
 
 
 class InceptionAux(nn.Module):
@@ -255,3 +248,181 @@ class InceptionAux(nn.Module):
         x = F.relu(self.fc1(x), inplace=True)
         x = self.dropout(x)
         return self.fc2(x)
+
+
+# Inception v3 (torchvision.models.inception): same constructors, child names and math; the
+# eager_forward bodies are torchvision's forwards. Launches in eval = the longest chain.
+
+
+class FusedInceptionA(FusedBlock):
+    """Inception v3 block A (35x35) in 3 launches: 1x1s merged, avg pool fused, 5x5 and 3x3 chains."""
+
+    def __init__(self, in_channels, pool_features, conv_block=None):
+        super().__init__()
+        conv_block = conv_block or BasicConv2d
+        self.branch1x1 = conv_block(in_channels, 64, kernel_size=1)
+        self.branch5x5_1 = conv_block(in_channels, 48, kernel_size=1)
+        self.branch5x5_2 = conv_block(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = conv_block(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = conv_block(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = conv_block(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = conv_block(in_channels, pool_features, kernel_size=1)
+        self._init_fused()
+
+    def eager_forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        branch_pool = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1))
+        return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], 1)
+
+
+class FusedInceptionB(FusedBlock):
+    """Inception v3 grid reduction 35->17 in 3 launches; the stride-2 max pool branch runs in stage 1."""
+
+    def __init__(self, in_channels, conv_block=None):
+        super().__init__()
+        conv_block = conv_block or BasicConv2d
+        self.branch3x3 = conv_block(in_channels, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = conv_block(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = conv_block(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = conv_block(96, 96, kernel_size=3, stride=2)
+        self._init_fused()
+
+    def eager_forward(self, x):
+        branch3x3 = self.branch3x3(x)
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        branch_pool = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([branch3x3, branch3x3dbl, branch_pool], 1)
+
+
+class FusedInceptionC(FusedBlock):
+    """Inception v3 block C (17x17, factorised 7x7) in 5 launches (the 5-conv 7x7dbl chain)."""
+
+    def __init__(self, in_channels, channels_7x7, conv_block=None):
+        super().__init__()
+        conv_block = conv_block or BasicConv2d
+        c7 = channels_7x7
+        self.branch1x1 = conv_block(in_channels, 192, kernel_size=1)
+        self.branch7x7_1 = conv_block(in_channels, c7, kernel_size=1)
+        self.branch7x7_2 = conv_block(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = conv_block(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = conv_block(in_channels, c7, kernel_size=1)
+        self.branch7x7dbl_2 = conv_block(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = conv_block(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = conv_block(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = conv_block(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = conv_block(in_channels, 192, kernel_size=1)
+        self._init_fused()
+
+    def eager_forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = self.branch7x7dbl_1(x)
+        branch7x7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(branch7x7dbl))
+        branch7x7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(branch7x7dbl))
+        branch_pool = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1))
+        return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], 1)
+
+
+class FusedInceptionD(FusedBlock):
+    """Inception v3 grid reduction 17->8 in 4 launches; the stride-2 max pool branch runs in stage 1."""
+
+    def __init__(self, in_channels, conv_block=None):
+        super().__init__()
+        conv_block = conv_block or BasicConv2d
+        self.branch3x3_1 = conv_block(in_channels, 192, kernel_size=1)
+        self.branch3x3_2 = conv_block(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = conv_block(in_channels, 192, kernel_size=1)
+        self.branch7x7x3_2 = conv_block(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = conv_block(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = conv_block(192, 192, kernel_size=3, stride=2)
+        self._init_fused()
+
+    def eager_forward(self, x):
+        branch3x3 = self.branch3x3_2(self.branch3x3_1(x))
+        branch7x7x3 = self.branch7x7x3_2(self.branch7x7x3_1(x))
+        branch7x7x3 = self.branch7x7x3_4(self.branch7x7x3_3(branch7x7x3))
+        branch_pool = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([branch3x3, branch7x7x3, branch_pool], 1)
+
+
+class FusedInceptionE(FusedBlock):
+    """Inception v3 block E (8x8) in 3 launches, including its split 1x3/3x1 branches (a tree)."""
+
+    def __init__(self, in_channels, conv_block=None):
+        super().__init__()
+        conv_block = conv_block or BasicConv2d
+        self.branch1x1 = conv_block(in_channels, 320, kernel_size=1)
+        self.branch3x3_1 = conv_block(in_channels, 384, kernel_size=1)
+        self.branch3x3_2a = conv_block(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = conv_block(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = conv_block(in_channels, 448, kernel_size=1)
+        self.branch3x3dbl_2 = conv_block(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = conv_block(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = conv_block(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = conv_block(in_channels, 192, kernel_size=1)
+        self._init_fused()
+
+    def eager_forward(self, x):
+        branch1x1 = self.branch1x1(x)
+        branch3x3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
+        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        branch_pool = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1))
+        return torch.cat([branch1x1, branch3x3, branch3x3dbl, branch_pool], 1)
+
+
+class FusedInceptionAux(nn.Module):
+    """Inception v3's auxiliary classifier (computed in training only), torchvision's keys.
+
+    Its two conv units are FusedBasicConv2d (one launch each in eval); the 5x5/stride-3 average
+    pool, the global pool and the classifier are torch ops.
+    """
+
+    def __init__(self, in_channels, num_classes, conv_block=None):
+        super().__init__()
+        conv_block = conv_block or FusedBasicConv2d
+        self.conv0 = conv_block(in_channels, 128, kernel_size=1)
+        self.conv1 = conv_block(128, 768, kernel_size=5)
+        self.conv1.stddev = 0.01  # read by the Inception3 weight init, as in torchvision
+        self.fc = nn.Linear(768, num_classes)
+        self.fc.stddev = 0.001
+
+    def forward(self, x):
+        x = F.avg_pool2d(x, kernel_size=5, stride=3)
+        x = self.conv0(x)
+        x = self.conv1(x)
+        x = F.adaptive_avg_pool2d(x, (1, 1))
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+class FusedGraphBlock(FusedBlock):
+    """A user's module recognised by `fuse()`, run through the stage kernel.
+
+    It shares the original module's submodules, parameters and buffers (the same objects, under
+    the same names: state_dict keys, optimizers and load_state_dict keep working) and uses the
+    original's own forward as its eager path.
+    """
+
+    def __init__(self, original, recipe):
+        super().__init__()
+        self._modules = original._modules
+        self._parameters = original._parameters
+        self._buffers = original._buffers
+        self._non_persistent_buffers_set = original._non_persistent_buffers_set
+        self.training = original.training
+        object.__setattr__(self, "_original", original)  # not a child: no duplicate keys
+        self._init_fused(recipe)
+
+    def eager_forward(self, x):
+        return self._original.forward(x)
+
+    def train(self, mode=True):
+        self._original.training = mode
+        return super().train(mode)
+
+    def extra_repr(self):
+        return f"fused {type(self._original).__name__}: {self.launches} launches"

@@ -1,12 +1,12 @@
 """Block plans: a block's branches turned into stages of the grouped convolution kernel.
 
-A block is described as a small graph (`BlockGraph`): conv nodes, each `conv -> BN? -> ReLU?`,
-reading either the block input (optionally through a 3x3 stride-1 pool) or another node's
-result, and a list of output nodes concatenated along channels in that order. `build_plan`
-groups the nodes by depth (one stage per depth: one launch), merges nodes of one stage that read
-the same source with the same geometry into one GEMM (weights concatenated along output
-channels), folds BatchNorm and conv bias into a per-channel scale and shift, and assigns every
-node a channel slice: of the block output if it is an output node, of the `mid` buffer otherwise.
+A block is described as a small graph (`BlockGraph`) of nodes, each `pool? -> conv -> BN? ->
+ReLU?` (or a pool alone), reading either the block input or another node's result, and a list of
+output nodes concatenated along channels in that order. `build_plan` groups the nodes by depth
+(one stage per depth: one launch), merges nodes of one stage that read the same source with the
+same geometry into one GEMM (weights concatenated along output channels), folds BatchNorm and
+conv bias into a per-channel scale and shift, and assigns every node a channel slice: of the
+block output if it is an output node, of the `mid` buffer otherwise.
 
 A plan is plain data built outside `forward`; `blocks.FusedBlock` caches it and rebuilds it when
 a parameter or buffer changes.
@@ -26,19 +26,78 @@ class UnsupportedBlock(ValueError):
     """The block's graph has something the stage kernel can't compute (the reason says what)."""
 
 
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A 2-D max or average pool, as F.max_pool2d / F.avg_pool2d take it."""
+
+    kind: str  # "max" or "avg"
+    kernel: tuple
+    stride: tuple
+    padding: tuple = (0, 0)
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+
+    @staticmethod
+    def make(kind, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False,
+             count_include_pad=True, divisor_override=None):
+        """Validate F.max_pool2d/F.avg_pool2d arguments (raise UnsupportedBlock) and build the spec."""
+        kernel = _pair(kernel_size)
+        stride = _pair(stride) if stride not in (None, [], ()) else kernel
+        if _pair(dilation) != (1, 1) or return_indices or divisor_override is not None:
+            raise UnsupportedBlock(f"{kind} pool with dilation, return_indices or divisor_override")
+        if kind == "avg" and ceil_mode and stride != (1, 1):
+            raise UnsupportedBlock("average pool with ceil_mode and stride > 1")
+        return PoolSpec(kind, kernel, stride, _pair(padding), bool(ceil_mode), bool(count_include_pad))
+
+    @staticmethod
+    def from_module(m):
+        if type(m) is nn.MaxPool2d:
+            return PoolSpec.make("max", m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                                 m.return_indices)
+        if type(m) is nn.AvgPool2d:
+            return PoolSpec.make("avg", m.kernel_size, m.stride, m.padding, 1, m.ceil_mode, False,
+                                 m.count_include_pad, m.divisor_override)
+        raise UnsupportedBlock(f"{type(m).__name__} is not a MaxPool2d/AvgPool2d")
+
+    def apply(self, x):
+        if self.kind == "max":
+            return F.max_pool2d(x, self.kernel, self.stride, self.padding, 1, self.ceil_mode)
+        return F.avg_pool2d(x, self.kernel, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+
+    def code(self):
+        if self.kind == "max":
+            return kconv.POOL_MAX
+        return kconv.POOL_AVG if self.count_include_pad else kconv.POOL_AVG_EXCLUDE_PAD
+
+    def out_size(self, h, w):
+        return tuple(_pool_out(n, k, s, p, self.ceil_mode)
+                     for n, k, s, p in zip((h, w), self.kernel, self.stride, self.padding))
+
+
+def _pool_out(n, k, s, p, ceil_mode):
+    """Output length of a pool, as ATen computes it (a last window must start inside the input)."""
+    out = (n + 2 * p - k + ((s - 1) if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
 @dataclass
 class ConvNode:
-    """`relu(bn(conv(pool(src))))` with each part optional but the conv.
+    """`relu?(bn?(conv(pool?(src))))`, or `pool(src)` alone when conv is None.
 
     `src` is the index of the node whose output this one reads, or None for the block input.
-    `pool` is a pooling module applied to the source first (only 3x3, stride 1, padding 1 fuse).
     """
 
-    conv: nn.Conv2d
+    conv: Optional[nn.Conv2d]
     bn: Optional[nn.BatchNorm2d] = None
     relu: bool = True
     src: Optional[int] = None
-    pool: Optional[nn.Module] = None
+    pool: Optional[PoolSpec] = None
 
 
 @dataclass
@@ -50,13 +109,14 @@ class BlockGraph:
     in_channels: int
 
     def eager(self, x):
-        """The reference math with torch ops (eval and train), i.e. what the unfused block computes."""
+        """The graph's math with torch ops (eval and train): what the unfused block computes."""
         results = []
         for node in self.nodes:
             y = x if node.src is None else results[node.src]
             if node.pool is not None:
-                y = node.pool(y)
-            y = node.conv(y)
+                y = node.pool.apply(y)
+            if node.conv is not None:
+                y = node.conv(y)
             if node.bn is not None:
                 y = node.bn(y)
             if node.relu:
@@ -66,39 +126,33 @@ class BlockGraph:
             return results[self.outputs[0]]
         return torch.cat([results[i] for i in self.outputs], 1)
 
+    def channels(self):
+        """Output channels of every node."""
+        out = []
+        for node in self.nodes:
+            cin = self.in_channels if node.src is None else out[node.src]
+            out.append(node.conv.out_channels if node.conv is not None else cin)
+        return out
 
-def pool_kind(pool):
-    """The kernel's pre-pool code for a pooling module, or raise UnsupportedBlock."""
-    if pool is None:
-        return kconv.POOL_NONE
-
-    def pair(v):
-        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-    if isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d)):
-        stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
-        geometry = (pair(pool.kernel_size), stride, pair(pool.padding))
-        # ceil_mode changes nothing at stride 1.
-        if geometry != ((3, 3), (1, 1), (1, 1)):
-            raise UnsupportedBlock(f"pool {pool} is not 3x3/stride 1/padding 1")
-        if isinstance(pool, nn.MaxPool2d):
-            if pair(pool.dilation) != (1, 1) or pool.return_indices:
-                raise UnsupportedBlock(f"pool {pool} has dilation or returns indices")
-            return kconv.POOL_MAX
-        if pool.divisor_override is not None:
-            raise UnsupportedBlock(f"pool {pool} has a divisor_override")
-        return kconv.POOL_AVG if pool.count_include_pad else kconv.POOL_AVG_EXCLUDE_PAD
-    raise UnsupportedBlock(f"pool {type(pool).__name__} is not a MaxPool2d/AvgPool2d")
+    def depths(self):
+        depths = []
+        for node in self.nodes:
+            depths.append(1 if node.src is None else depths[node.src] + 1)
+        return depths
 
 
 def _check_node(i, node, cin):
-    conv = node.conv
-    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+    conv, bn = node.conv, node.bn
+    if conv is None:
+        if node.pool is None or bn is not None or node.relu:
+            raise UnsupportedBlock(f"node {i}: a node without conv must be a pool alone")
+        return
+    if type(conv) is not nn.Conv2d:
         raise UnsupportedBlock(f"node {i}: {type(conv).__name__} is not a plain nn.Conv2d")
     if conv.groups != 1:
         raise UnsupportedBlock(f"node {i}: groups {conv.groups} not supported")
     if tuple(conv.dilation) != (1, 1):
-        raise UnsupportedBlock(f"node {i}: dilation {tuple(conv.dilation)} not supported")
+        raise UnsupportedBlock(f"node {i}: dilation {max(conv.dilation)} not supported")
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         raise UnsupportedBlock(f"node {i}: padding {conv.padding!r}/{conv.padding_mode} not supported")
     if conv.in_channels != cin:
@@ -106,9 +160,8 @@ def _check_node(i, node, cin):
     if node.pool is not None and (tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1)
                                   or tuple(conv.padding) != (0, 0)):
         raise UnsupportedBlock(f"node {i}: a fused pre-pool needs a 1x1/stride 1/padding 0 conv")
-    bn = node.bn
     if bn is not None:
-        if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
+        if type(bn) is not nn.BatchNorm2d:
             raise UnsupportedBlock(f"node {i}: {type(bn).__name__} is not a plain nn.BatchNorm2d")
         if not bn.track_running_stats:
             raise UnsupportedBlock(f"node {i}: BatchNorm without running stats normalises with batch statistics")
@@ -116,24 +169,17 @@ def _check_node(i, node, cin):
             raise UnsupportedBlock(f"node {i}: BatchNorm has {bn.num_features} features, conv {conv.out_channels}")
 
 
-def node_depths(graph):
-    depths = []
-    for node in graph.nodes:
-        depths.append(1 if node.src is None else depths[node.src] + 1)
-    return depths
+def folded_scale_shift(node, cout, device):
+    """Per-output-channel fp32 (scale, shift) with relu?(bn(conv(x) + bias)) = relu?(conv_nobias(x)*scale + shift).
 
-
-def folded_scale_shift(node):
-    """Per-output-channel (scale, shift) in fp32 so that relu?(bn(conv(x) + bias)) = relu?(conv_nobias(x)*scale + shift).
-
-    Follows torch.nn.utils.fusion.fuse_conv_bn_weights, computed in float64.
+    The math of torch.nn.utils.fusion.fuse_conv_bn_weights, computed in float64.
     """
     conv, bn = node.conv, node.bn
-    cout = conv.out_channels
-    dev = conv.weight.device
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(cout, dtype=torch.float64, device=dev)
+    bias = torch.zeros(cout, dtype=torch.float64, device=device)
+    if conv is not None and conv.bias is not None:
+        bias = conv.bias.detach().double()
     if bn is None:
-        return torch.ones(cout, dtype=torch.float32, device=dev), bias.float()
+        return torch.ones(cout, dtype=torch.float32, device=device), bias.float()
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(bias)
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(bias)
     scale = gamma * torch.rsqrt(bn.running_var.detach().double() + bn.eps)
@@ -163,23 +209,32 @@ class Plan:
     stages: list
     out_channels: int
     mid_channels: int
-    geometry: list  # per node: (src, kh, kw, sh, sw, ph, pw)
+    geometry: list  # per node: (src, pool spec or None, conv (kh, kw, sh, sw, ph, pw) or None)
     outputs: list
     mid_nodes: list
     _sizes: dict = field(default_factory=dict)
+
+    def node_sizes(self, h, w):
+        """Spatial size of every node's result for an h x w input."""
+        hw = []
+        for src, pool, conv in self.geometry:
+            ih, iw = (h, w) if src is None else hw[src]
+            if pool is not None:
+                ih, iw = pool.out_size(ih, iw)
+            if conv is not None:
+                kh, kw, sh, sw, ph, pw = conv
+                ih, iw = (ih + 2 * ph - kh) // sh + 1, (iw + 2 * pw - kw) // sw + 1
+            if ih <= 0 or iw <= 0:
+                raise ValueError(f"input of spatial size {h}x{w} is too small for this block "
+                                 f"(a pool or convolution has no output)")
+            hw.append((ih, iw))
+        return hw
 
     def sizes(self, h, w):
         """((out_h, out_w), (mid_h, mid_w)) for an input of spatial size h x w; raises if they disagree."""
         key = (h, w)
         if key not in self._sizes:
-            hw = []
-            for src, kh, kw, sh, sw, ph, pw in self.geometry:
-                ih, iw = (h, w) if src is None else hw[src]
-                oh, ow = (ih + 2 * ph - kh) // sh + 1, (iw + 2 * pw - kw) // sw + 1
-                if oh <= 0 or ow <= 0:
-                    raise ValueError(f"input of spatial size {h}x{w} is too small for a {kh}x{kw} convolution "
-                                     f"(stride {sh}x{sw}, padding {ph}x{pw}) in this block")
-                hw.append((oh, ow))
+            hw = self.node_sizes(h, w)
             out_hw = {hw[i] for i in self.outputs}
             if len(out_hw) != 1:
                 raise ValueError(f"block outputs have different spatial sizes {sorted(out_hw)} for a {h}x{w} input: "
@@ -205,10 +260,12 @@ class Plan:
         return out
 
 
-def _merge_key(node):
+def _merge_key(i, node):
+    """Nodes of one stage with equal keys become one GEMM."""
+    if node.conv is None:
+        return ("pool only", i)
     c = node.conv
-    return (node.src, id(node.pool) if node.pool is not None else None, pool_kind(node.pool),
-            tuple(c.kernel_size), tuple(c.stride), tuple(c.padding), node.relu)
+    return (node.src, node.pool, tuple(c.kernel_size), tuple(c.stride), tuple(c.padding), node.relu)
 
 
 def _problems_of_group(group, out_c, couts):
@@ -228,22 +285,31 @@ def _problems_of_group(group, out_c, couts):
     return [(runs[0], to_mid)] + [(run, []) for run in runs[1:]]
 
 
+def check_graph(graph):
+    """Raise UnsupportedBlock (with the reason) if some node can't go through the stage kernel."""
+    nodes = graph.nodes
+    if not graph.outputs:
+        raise UnsupportedBlock("the block has no output")
+    for i, node in enumerate(nodes):
+        if node.src is not None and not 0 <= node.src < i:
+            raise UnsupportedBlock(f"node {i}: reads node {node.src}, which does not come before it")
+        if node.src is not None and node.pool is not None:
+            raise UnsupportedBlock(f"node {i}: a pool is only fused on the block input")
+    couts = graph.channels()
+    for i, node in enumerate(nodes):
+        _check_node(i, node, graph.in_channels if node.src is None else couts[node.src])
+    if len(set(graph.outputs)) != len(graph.outputs):
+        raise UnsupportedBlock("a branch output appears twice in the concatenation")
+
+
 def build_plan(graph, device, dtype):
     """Build the stages for `graph` with weights on `device` in `dtype` (fp32, fp16 or bf16).
 
     Raises UnsupportedBlock if some node can't go through the stage kernel.
     """
+    check_graph(graph)
     nodes = graph.nodes
-    couts = [n.conv.out_channels for n in nodes]
-    for i, node in enumerate(nodes):
-        if node.src is not None and not 0 <= node.src < i:
-            raise UnsupportedBlock(f"node {i}: reads node {node.src}, which does not come before it")
-        if node.src is not None and node.pool is not None:
-            raise UnsupportedBlock(f"node {i}: a pre-pool is only fused on the block input")
-        _check_node(i, node, graph.in_channels if node.src is None else couts[node.src])
-        pool_kind(node.pool)
-    if len(set(graph.outputs)) != len(graph.outputs):
-        raise UnsupportedBlock("a node appears twice in the output")
+    couts = graph.channels()
 
     # Channel slices: output nodes in cat order, the rest in `mid`, allocated stage by stage
     # and group by group so that merged mid-bound nodes are contiguous.
@@ -252,15 +318,14 @@ def build_plan(graph, device, dtype):
         out_c[i] = c
         c += couts[i]
     out_channels = c
-    depths = node_depths(graph)
+    depths = graph.depths()
     mid_c, mid_channels = {}, 0
-
     stages = []
     for depth in range(1, max(depths) + 1):
         groups = {}
         for i, node in enumerate(nodes):
             if depths[i] == depth:
-                groups.setdefault(_merge_key(node), []).append(i)
+                groups.setdefault(_merge_key(i, node), []).append(i)
         rows, problems, weights, scales, shifts, members = [], [], [], [], [], []
         w_off = ss_off = 0
         for group in groups.values():
@@ -270,8 +335,6 @@ def build_plan(graph, device, dtype):
                     mid_channels += couts[i]
                 members_p = to_out + to_mid
                 first = nodes[members_p[0]]
-                conv = first.conv
-                kh, kw = conv.kernel_size
                 src = first.src
                 if src is None:
                     src_buf, src_c, cin = kconv.BUF_X, 0, graph.in_channels
@@ -279,36 +342,56 @@ def build_plan(graph, device, dtype):
                     src_buf, src_c = ((kconv.BUF_OUT, out_c[src]) if src in out_c else (kconv.BUF_MID, mid_c[src]))
                     cin = couts[src]
                 ncols = sum(couts[i] for i in members_p)
-                split = sum(couts[i] for i in to_out)
                 dst0 = (kconv.BUF_OUT, out_c[to_out[0]]) if to_out else (kconv.BUF_MID, mid_c[to_mid[0]])
                 dst1 = (kconv.BUF_MID, mid_c[to_mid[0]]) if (to_out and to_mid) else dst0
-                if not to_out:
-                    split = ncols
-                row = dict(src=src_buf, src_c=src_c, cin=cin, kh=kh, kw=kw, sh=conv.stride[0], sw=conv.stride[1],
-                           ph=conv.padding[0], pw=conv.padding[1], pool=pool_kind(first.pool), ncols=ncols,
+                split = sum(couts[i] for i in to_out) if to_out else ncols
+                pool = first.pool
+                row = dict(src=src_buf, src_c=src_c, cin=cin, gemm=int(first.conv is not None), ncols=ncols,
                            w_off=w_off, ss_off=ss_off, split=split, dst0=dst0[0], dst0_c=dst0[1], dst1=dst1[0],
                            dst1_c=dst1[1], relu=int(first.relu))
-                rows.append([row[f] for f in kconv.FIELDS])
-                problems.append((dst0[0], ncols, kh * kw * cin))
-                # [Cout, Cin, KH, KW] -> [KH, KW, Cin, Cout] -> [K, Cout], concatenated along Cout.
-                w = torch.cat([nodes[i].conv.weight.detach().permute(2, 3, 1, 0).reshape(kh * kw * cin, couts[i])
-                               for i in members_p], 1)
-                weights.append(w.to(device=device, dtype=dtype).reshape(-1))
+                if pool is not None:
+                    row.update(pool=pool.code(), pkh=pool.kernel[0], pkw=pool.kernel[1], psh=pool.stride[0],
+                               psw=pool.stride[1], pph=pool.padding[0], ppw=pool.padding[1])
+                k = pool.kernel[0] * pool.kernel[1] if pool is not None else 1
+                if first.conv is not None:
+                    conv = first.conv
+                    kh, kw = conv.kernel_size
+                    row.update(kh=kh, kw=kw, sh=conv.stride[0], sw=conv.stride[1], ph=conv.padding[0],
+                               pw=conv.padding[1])
+                    k = kh * kw * cin
+                    # [Cout, Cin, KH, KW] -> [KH, KW, Cin, Cout] -> [K, Cout], concatenated along Cout.
+                    w = torch.cat([nodes[i].conv.weight.detach().permute(2, 3, 1, 0).reshape(k, couts[i])
+                                   for i in members_p], 1)
+                    weights.append(w.to(device=device, dtype=dtype).reshape(-1))
+                    w_off += w.numel()
+                rows.append(kconv.problem_row(**row))
+                problems.append((dst0[0], ncols, k))
                 for i in members_p:
-                    s, b = folded_scale_shift(nodes[i])
+                    s, b = folded_scale_shift(nodes[i], couts[i], device)
                     scales.append(s)
                     shifts.append(b)
                 members.append(tuple(members_p))
-                w_off += w.numel()
                 ss_off += ncols
         stages.append(Stage(
             table=torch.tensor(rows, dtype=torch.int32, device=device),
             problems=tuple(problems),
-            weight=torch.cat(weights).contiguous(),
+            weight=torch.cat(weights) if weights else torch.zeros(1, dtype=dtype, device=device),
             scale=torch.cat(scales).to(device=device, dtype=torch.float32),
             shift=torch.cat(shifts).to(device=device, dtype=torch.float32),
             nodes=tuple(members),
         ))
-    geometry = [(n.src, *n.conv.kernel_size, *n.conv.stride, *n.conv.padding) for n in nodes]
+    geometry = [(n.src, n.pool, None if n.conv is None else (*n.conv.kernel_size, *n.conv.stride, *n.conv.padding))
+                for n in nodes]
     return Plan(stages=stages, out_channels=out_channels, mid_channels=mid_channels, geometry=geometry,
                 outputs=list(graph.outputs), mid_nodes=sorted(mid_c))
+
+
+def longest_chain(graph):
+    """Launches a plan of this graph takes: the number of stages."""
+    return max(graph.depths())
+
+
+def eager_kernels(graph):
+    """Kernels the unfused graph launches in eval: conv, BN, ReLU, pool each one, plus the cat."""
+    k = sum((n.conv is not None) + (n.bn is not None) + n.relu + (n.pool is not None) for n in graph.nodes)
+    return k + (len(graph.outputs) > 1)

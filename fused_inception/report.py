@@ -53,27 +53,31 @@ def traffic(block, x_shape, elem_size):
     graph, plan = block.graph(), block.plan()
     n, _, h, w = x_shape
     (oh, ow), _ = plan.sizes(h, w)
-    hw = []
     eager = 0
-    for node in graph.nodes:
-        cin, cout = node.conv.in_channels, node.conv.out_channels
+    hw = plan.node_sizes(h, w)
+    couts = graph.channels()
+    for i, node in enumerate(graph.nodes):
+        cin = graph.in_channels if node.src is None else couts[node.src]
         ih, iw = (h, w) if node.src is None else hw[node.src]
-        kh, kw = node.conv.kernel_size
-        sh, sw = node.conv.stride
-        ph, pw = node.conv.padding
-        hw.append(((ih + 2 * ph - kh) // sh + 1, (iw + 2 * pw - kw) // sw + 1))
-        inp, out = n * cin * ih * iw, n * cout * hw[-1][0] * hw[-1][1]
-        eager += inp + node.conv.weight.numel() + out  # conv
+        inp, out = n * cin * ih * iw, n * couts[i] * hw[i][0] * hw[i][1]
+        if node.pool is not None:  # read the input, write the pooled map (its size, for a 1x1 after it)
+            pooled = n * cin * hw[i][0] * hw[i][1]
+            eager += inp + pooled
+            inp = pooled
+        if node.conv is not None:
+            eager += inp + node.conv.weight.numel() + out
         eager += 2 * out * ((node.bn is not None) + node.relu)  # BN, ReLU: read and write
-        eager += 2 * inp if node.pool is not None else 0
     if len(graph.outputs) > 1:
         eager += 2 * n * plan.out_channels * oh * ow  # cat
     fused = 0
     for stage in plan.stages:
         for (dst, ncols, k), members in zip(stage.problems, stage.nodes):
             node = graph.nodes[members[0]]
-            ih, iw = (h, w) if node.src is None else hw[node.src]
-            fused += n * node.conv.in_channels * ih * iw + k * ncols + n * ncols * hw[members[0]][0] * hw[members[0]][1]
+            src = node.src
+            ih, iw = (h, w) if src is None else hw[src]
+            cin = graph.in_channels if src is None else couts[src]
+            weights = k * ncols if node.conv is not None else 0
+            fused += n * cin * ih * iw + weights + n * ncols * hw[members[0]][0] * hw[members[0]][1]
     return eager * elem_size, fused * elem_size
 
 

@@ -12,8 +12,11 @@ reads what another writes. Every problem is an implicit GEMM
         y   = max(y, 0) if RELU                  # NaN stays NaN, as in torch.relu
         dst[img, oh, ow, dst_c + n] = y          # a channel slice of the block output or of `mid`
 
-A 1x1 problem may carry a pre-pool (3x3 window, stride 1, padding 1: max, average counting the
-padding, or average over the valid taps only) applied to its input as the tile is loaded.
+A 1x1 problem may carry a pre-pool (max, average counting the padding, or average over the
+taps inside the image; any window, stride and padding) applied to its input as the tile is
+loaded: GoogLeNet's 3x3/s1/p1 max pool branch, Inception v3's average pool branches. A problem
+may also be the pool alone (no GEMM: the pooled channels are the result), as in the stride-2 max
+pool branch of Inception v3's grid-reduction blocks.
 
 The tensors a stage touches are three buffers addressed by strides, so NCHW and NHWC are both
 just a stride choice: `x` (the stage's block input), `out` (the block output) and `mid` (the
@@ -55,21 +58,37 @@ BUF_X = 0  # the stage input (the block input)
 BUF_OUT = 1  # the block output
 BUF_MID = 2  # intermediate results
 
-# Pre-pool kinds (3x3 window, stride 1, padding 1) applied to a 1x1 problem's input.
+# Pool kinds, for a pre-pool on a 1x1 problem's input or a pool-only problem.
 POOL_NONE = 0
 POOL_MAX = 1
-POOL_AVG = 2  # count_include_pad=True: divide by 9
+POOL_AVG = 2  # count_include_pad=True: divide by the window size
 POOL_AVG_EXCLUDE_PAD = 3  # count_include_pad=False: divide by the taps inside the image
 
 # Columns of the problem table, one int32 row per problem.
 FIELDS = (
     "src", "src_c", "cin",  # source buffer, first channel of the slice, channels read
     "kh", "kw", "sh", "sw", "ph", "pw",  # filter size, stride, zero padding
-    "pool",  # pre-pool kind
+    "pool", "pkh", "pkw", "psh", "psw", "pph", "ppw",  # pool kind, window, stride, padding
+    "gemm",  # 1: convolution; 0: the pooled input channels are the result (ncols == cin)
     "ncols", "w_off", "ss_off",  # output channels, offsets into the stage's weight and scale/shift
     "split", "dst0", "dst0_c", "dst1", "dst1_c",  # columns < split -> dst0 slice, others -> dst1
     "relu",
 )
+# Defaults of a row: a 1x1/stride-1 GEMM problem without pool or ReLU.
+_ROW_DEFAULTS = dict(src=BUF_X, src_c=0, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, pool=POOL_NONE, pkh=1, pkw=1,
+                     psh=1, psw=1, pph=0, ppw=0, gemm=1, w_off=0, ss_off=0, relu=0)
+
+
+def problem_row(**fields):
+    """One table row (a list in FIELDS order); cin, ncols, split, dst0, dst0_c, dst1, dst1_c are required."""
+    row = dict(_ROW_DEFAULTS, **fields)
+    unknown = set(row) - set(FIELDS)
+    missing = [f for f in FIELDS if f not in row]
+    if unknown or missing:
+        raise ValueError(f"problem row: unknown fields {sorted(unknown)}, missing {missing}")
+    return [int(row[f]) for f in FIELDS]
+
+
 F_SRC = tl.constexpr(0)
 F_SRC_C = tl.constexpr(1)
 F_CIN = tl.constexpr(2)
@@ -80,15 +99,22 @@ F_SW = tl.constexpr(6)
 F_PH = tl.constexpr(7)
 F_PW = tl.constexpr(8)
 F_POOL = tl.constexpr(9)
-F_NCOLS = tl.constexpr(10)
-F_W_OFF = tl.constexpr(11)
-F_SS_OFF = tl.constexpr(12)
-F_SPLIT = tl.constexpr(13)
-F_DST0 = tl.constexpr(14)
-F_DST0_C = tl.constexpr(15)
-F_DST1 = tl.constexpr(16)
-F_DST1_C = tl.constexpr(17)
-F_RELU = tl.constexpr(18)
+F_PKH = tl.constexpr(10)
+F_PKW = tl.constexpr(11)
+F_PSH = tl.constexpr(12)
+F_PSW = tl.constexpr(13)
+F_PPH = tl.constexpr(14)
+F_PPW = tl.constexpr(15)
+F_GEMM = tl.constexpr(16)
+F_NCOLS = tl.constexpr(17)
+F_W_OFF = tl.constexpr(18)
+F_SS_OFF = tl.constexpr(19)
+F_SPLIT = tl.constexpr(20)
+F_DST0 = tl.constexpr(21)
+F_DST0_C = tl.constexpr(22)
+F_DST1 = tl.constexpr(23)
+F_DST1_C = tl.constexpr(24)
+F_RELU = tl.constexpr(25)
 NUM_FIELDS = tl.constexpr(len(FIELDS))
 
 
@@ -99,25 +125,27 @@ def _pick(sel, a, b, c):
 
 
 @triton.jit
-def _pooled_tile(src, img_off, oy, ox, h, w, s_h, s_w, col_off, m_ok, k_ok, pool):
-    """[BLOCK_M, BLOCK_K] tile of the 3x3/s1/p1 pool of `src` at pixels (oy, ox), in fp32."""
+def _pooled_tile(src, img_off, y0, x0, h, w, s_h, s_w, col_off, m_ok, k_ok, pool, pkh, pkw):
+    """[rows, cols] fp32 tile of the pool whose windows start at (y0, x0): rows are output pixels,
+    cols the channels at offsets col_off. Taps outside the image never count (max) or count as
+    zeros (average including padding)."""
     mx = tl.full((img_off.shape[0], col_off.shape[0]), float("-inf"), tl.float32)
     total = tl.zeros((img_off.shape[0], col_off.shape[0]), tl.float32)
     taps = tl.zeros((img_off.shape[0],), tl.float32)
-    for dy in tl.static_range(3):
-        for dx in tl.static_range(3):
-            y = oy + (dy - 1)
-            x = ox + (dx - 1)
+    for dy in range(pkh):
+        for dx in range(pkw):
+            y = y0 + dy
+            x = x0 + dx
             ok = m_ok & (y >= 0) & (y < h) & (x >= 0) & (x < w)
             row = img_off + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
             mask = ok[:, None] & k_ok[None, :]
             v = tl.load(src + row[:, None] + col_off[None, :], mask=mask, other=0.0).to(tl.float32)
-            # max_pool2d propagates NaN; padding taps never win.
+            # max_pool2d propagates NaN.
             mx = tl.where(mask, tl.maximum(mx, v, propagate_nan=tl.PropagateNan.ALL), mx)
             total += v
             taps += ok.to(tl.float32)
     taps = tl.maximum(taps, 1.0)  # rows outside the problem: any nonzero divisor
-    avg = total / tl.where(pool == 2, 9.0, taps)[:, None]
+    avg = total / tl.where(pool == 2, (pkh * pkw).to(tl.float32), taps)[:, None]
     res = tl.where(pool == 1, mx, avg)
     return tl.where(m_ok[:, None] & k_ok[None, :], res, 0.0)
 
@@ -168,6 +196,13 @@ def _conv_stage_kernel(
     ph = tl.load(row + F_PH)
     pw = tl.load(row + F_PW)
     pool = tl.load(row + F_POOL)
+    pkh = tl.load(row + F_PKH)
+    pkw = tl.load(row + F_PKW)
+    psh = tl.load(row + F_PSH)
+    psw = tl.load(row + F_PSW)
+    pph = tl.load(row + F_PPH)
+    ppw = tl.load(row + F_PPW)
+    gemm = tl.load(row + F_GEMM)
     ncols = tl.load(row + F_NCOLS)
     w_off = tl.load(row + F_W_OFF)
     ss_off = tl.load(row + F_SS_OFF)
@@ -207,31 +242,39 @@ def _conv_stage_kernel(
     s_c = _pick(src_sel, x_sc, o_sc, m_sc).to(tl.int64)
     img_off = img.to(tl.int64) * s_n  # int64: a batch of large maps passes 2**31 elements
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(kh * kw):
-        r = tap // kw
-        s = tap % kw
-        y = oy * sh - ph + r
-        x = ox * sw - pw + s
-        pix_ok = m_ok & (y >= 0) & (y < ih) & (x >= 0) & (x < iw)
-        a_row = img_off + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
-        w_tap = w_ptr + w_off + tap * cin * ncols
-        for c0 in range(0, cin, BLOCK_K):
-            ch = c0 + offs_k
-            k_ok = ch < cin
-            a_col = (src_c + ch).to(tl.int64) * s_c
-            if pool == 0:
-                a = tl.load(src + a_row[:, None] + a_col[None, :],
-                            mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-            else:
-                a = _pooled_tile(src, img_off, oy, ox, ih, iw, s_h, s_w, a_col, m_ok, k_ok,
-                                 pool).to(src.dtype.element_ty)
-            b = tl.load(w_tap + ch[:, None] * ncols + offs_n[None, :],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if DOT_IN_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+    # Where each output pixel's pool window starts (a pooled problem's conv is 1x1/s1/p0).
+    py0 = oy * psh - pph
+    px0 = ox * psw - ppw
+    if gemm == 0:
+        # Pool-only problem: the result's columns are the pooled source channels.
+        acc = _pooled_tile(src, img_off, py0, px0, ih, iw, s_h, s_w, (src_c + offs_n).to(tl.int64) * s_c,
+                           m_ok, n_ok, pool, pkh, pkw)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for tap in range(kh * kw):
+            r = tap // kw
+            s = tap % kw
+            y = oy * sh - ph + r
+            x = ox * sw - pw + s
+            pix_ok = m_ok & (y >= 0) & (y < ih) & (x >= 0) & (x < iw)
+            a_row = img_off + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
+            w_tap = w_ptr + w_off + tap * cin * ncols
+            for c0 in range(0, cin, BLOCK_K):
+                ch = c0 + offs_k
+                k_ok = ch < cin
+                a_col = (src_c + ch).to(tl.int64) * s_c
+                if pool == 0:
+                    a = tl.load(src + a_row[:, None] + a_col[None, :],
+                                mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                else:
+                    a = _pooled_tile(src, img_off, py0, px0, ih, iw, s_h, s_w, a_col, m_ok, k_ok,
+                                     pool, pkh, pkw).to(src.dtype.element_ty)
+                b = tl.load(w_tap + ch[:, None] * ncols + offs_n[None, :],
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if DOT_IN_FP32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
 
     # Epilogue while the accumulator is still fp32: folded BN / bias, ReLU, cast, slice writes.
     scale = tl.load(scale_ptr + ss_off + offs_n, mask=n_ok, other=0.0)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import TOL, assert_close_rel, randomize_
 from fused_inception import count_launches
 from fused_inception.kernels import conv as kconv
-from fused_inception.plan import BlockGraph, ConvNode, build_plan
+from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, build_plan
 
 # (kernel, stride, padding): each kernel size an Inception network uses, with strides 1 and 2
 # and "same", zero and asymmetric padding.
@@ -31,9 +31,10 @@ GEOMETRIES = [
 ]
 
 
-def conv_node(cin, cout, kernel, stride, padding, bn=True, bias=False, relu=True, **kw):
+def conv_node(cin, cout, kernel, stride, padding, bn=True, bias=False, relu=True, pool=None, **kw):
     conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias)
-    return ConvNode(conv, nn.BatchNorm2d(cout, eps=1e-3) if bn else None, relu=relu, **kw)
+    pool = PoolSpec.from_module(pool) if pool is not None else None
+    return ConvNode(conv, nn.BatchNorm2d(cout, eps=1e-3) if bn else None, relu=relu, pool=pool, **kw)
 
 
 def reference(graph, x):
@@ -58,6 +59,10 @@ def run_fused(graph, x):
 
 def modules_of(graph):
     return nn.ModuleList([m for node in graph.nodes for m in (node.conv, node.bn) if m is not None])
+
+
+def pool_node(pool):
+    return ConvNode(None, None, relu=False, pool=PoolSpec.from_module(pool))
 
 
 @pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES, ids=lambda v: str(v).replace(" ", ""))
@@ -127,10 +132,9 @@ def test_direct_launch_reads_and_writes_slices(device):
     scale = torch.rand(cout, device=device) + 0.5
     shift = torch.randn(cout, device=device)
     out = torch.full((2, 30, 5, 5), float("nan"), device=device)
-    row = dict(src=kconv.BUF_X, src_c=5, cin=cin, kh=3, kw=3, sh=1, sw=1, ph=1, pw=1, pool=kconv.POOL_NONE,
-               ncols=cout, w_off=0, ss_off=0, split=cout, dst0=kconv.BUF_OUT, dst0_c=7, dst1=kconv.BUF_OUT,
-               dst1_c=7, relu=0)
-    table = torch.tensor([[row[f] for f in kconv.FIELDS]], dtype=torch.int32, device=device)
+    row = kconv.problem_row(src=kconv.BUF_X, src_c=5, cin=cin, kh=3, kw=3, ph=1, pw=1, ncols=cout, split=cout,
+                            dst0=kconv.BUF_OUT, dst0_c=7, dst1=kconv.BUF_OUT, dst1_c=7)
+    table = torch.tensor([row], dtype=torch.int32, device=device)
     weight = w.permute(2, 3, 1, 0).reshape(-1).contiguous()
     kconv.conv_stage(table, ((kconv.BUF_OUT, cout, 9 * cin),), weight, scale, shift, x, out, out)
     expected = F.conv2d(x[:, 5:5 + cin].double(), w.double(), padding=1) * scale.double().view(1, -1, 1, 1) \
@@ -148,3 +152,32 @@ def test_half_precision_geometry(dtype, device):
     y, _, _ = run_fused(graph, x.to(dtype))
     assert y.dtype == dtype
     assert_close_rel(y, reference(graph, x), TOL[dtype], str(dtype))
+
+
+@pytest.mark.parametrize("pool", [
+    nn.MaxPool2d(3, stride=2),  # Inception v3 B/D pool branch
+    nn.MaxPool2d(3, stride=2, ceil_mode=True),  # partial last windows
+    nn.MaxPool2d(2, stride=2, padding=1),
+    nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+    nn.AvgPool2d(5, stride=3),  # Inception v3 aux head
+], ids=["max3s2", "max3s2ceil", "max2s2p1", "avg3s2p1_excl", "avg5s3"])
+def test_pool_only_problem_and_strided_pre_pool(pool, device):
+    """A pool alone (no GEMM) written to an output slice next to a conv, and the same pool fused
+    in front of a 1x1 conv, for strided windows."""
+    nodes = [pool_node(pool),  # 0: channels 0..22 of the output
+             conv_node(23, 9, (1, 1), 1, (0, 0), pool=pool)]  # 1: pooled 1x1 conv
+    graph = BlockGraph(nodes, [0, 1], in_channels=23)
+    randomize_(modules_of(graph), seed=13).to(device)
+    x = torch.randn(2, 23, 11, 10, device=device)
+    y, launches, plan = run_fused(graph, x)
+    assert launches == 1 and len(plan.stages[0].nodes) == 2
+    assert_close_rel(y, reference(graph, x), TOL[torch.float32], str(pool))
+
+
+def test_max_pool_propagates_nan(device):
+    graph = BlockGraph([pool_node(nn.MaxPool2d(3, 2))], [0], in_channels=4)
+    x = torch.randn(1, 4, 7, 7, device=device)
+    x[0, 1, 2, 2] = float("nan")
+    y, _, _ = run_fused(graph, x)
+    assert_close_rel(y, reference(graph, x), TOL[torch.float32])
+    assert y[0, 1].isnan().sum() == 4  # every window that covers (2, 2)

@@ -7,13 +7,9 @@ import torch
 from torch import nn
 
 from fused_inception.blocks import FusedBasicConv2d, FusedInception, InceptionAux
+from fused_inception.models._transform import TransformInput
 
 GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux_logits2", "aux_logits1"])
-
-# transform_input maps ImageNet-normalised input to the (x - 0.5) / 0.5 scaling the original
-# weights were trained on, per channel: x * std / 0.5 + (mean - 0.5) / 0.5.
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 
 
 class GoogLeNet(nn.Module):
@@ -47,12 +43,7 @@ class GoogLeNet(nn.Module):
 
         self.aux_logits = aux_logits
         self.transform_input = transform_input
-        # Not in the state_dict (persistent=False), so torchvision's keys are unchanged.
-        # Constants computed in double and rounded once, as torchvision's Python-float scalars are.
-        self.register_buffer("_input_scale", torch.tensor([s / 0.5 for s in _STD]).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("_input_shift", torch.tensor([(m - 0.5) / 0.5 for m in _MEAN]).view(1, 3, 1, 1),
-                             persistent=False)
+        self._transform = TransformInput()  # no state_dict keys
 
         self.conv1 = conv_block(3, 64, kernel_size=7, stride=2, padding=3)
         self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
@@ -95,9 +86,7 @@ class GoogLeNet(nn.Module):
 
     def forward(self, x):
         if self.transform_input:
-            # Two launches instead of torchvision's seven, and the same rounding (mul, then add: an
-            # addcmul would round differently, which train-mode BN on tiny maps amplifies).
-            x = x * self._input_scale.to(x.dtype) + self._input_shift.to(x.dtype)
+            x = self._transform(x)
         x = self.conv1(x)
         x = self.maxpool1(x)
         x = self.conv2(x)

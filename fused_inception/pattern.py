@@ -1,0 +1,197 @@
+"""Recognise an Inception block by its dataflow (torch.fx), whatever its class or coding style.
+
+The pattern: one input; branches that start from it, optionally through a max/avg pool, as
+chains of `Conv2d -> BatchNorm2d? -> ReLU?` (ReLU as a module, `F.relu`, `torch.relu`, the
+`.relu()` method, in place or not; any wrapper modules and `nn.Sequential` are traced through),
+or a pool alone; a branch may read another branch's result (trees, as Inception v3's split
+1x3/3x1 branches); and one `torch.cat(..., dim=1)` (possibly nested) as the block's result.
+
+`recipe_of(module)` returns a `Recipe`: the nodes by submodule *name*, so the recipe can be
+resolved against the live module each time (`Recipe.graph(module)`) and never holds stale
+references. It raises `NotABlock` for a module that doesn't end in a channel concatenation (not
+a candidate) and `UnsupportedBlock` with the reason for a candidate that can't be fused.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import fx, nn
+import torch.nn.functional as F
+
+from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, UnsupportedBlock
+
+
+class NotABlock(Exception):
+    """The module is not an Inception-style candidate (its result is not a channel concatenation)."""
+
+
+@dataclass(frozen=True)
+class NodeRecipe:
+    conv: Optional[str]  # qualified name of the nn.Conv2d, None for a pool alone
+    bn: Optional[str]
+    relu: bool
+    src: Optional[int]
+    pool: Optional[PoolSpec]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    nodes: tuple
+    outputs: tuple
+    eager_kernels: int  # kernel-launching operations of the traced forward (conv, BN, ReLU, pool, cat)
+
+    def graph(self, module):
+        """The BlockGraph of `module`'s current submodules."""
+        nodes = [ConvNode(module.get_submodule(r.conv) if r.conv else None,
+                          module.get_submodule(r.bn) if r.bn else None, r.relu, r.src, r.pool)
+                 for r in self.nodes]
+        readers = [n.conv for n in nodes if n.src is None and n.conv is not None]
+        if not readers:
+            raise UnsupportedBlock("no convolution reads the block input")
+        return BlockGraph(nodes, list(self.outputs), readers[0].in_channels)
+
+    @property
+    def launches(self):
+        depths = []
+        for r in self.nodes:
+            depths.append(1 if r.src is None else depths[r.src] + 1)
+        return max(depths)
+
+
+class _Tracer(fx.Tracer):
+    """Traces through user modules; torch.nn layers and fused blocks stay leaves."""
+
+    def is_leaf_module(self, m, qualname):
+        return getattr(m, "_is_fused_block", False) or super().is_leaf_module(m, qualname)
+
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+
+def _describe(n):
+    return f"{n.op} {getattr(n.target, '__name__', n.target)}"
+
+
+class _Parser:
+    def __init__(self, module, graph):
+        self.module = module
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(inputs) != 1:
+            raise NotABlock(f"forward takes {len(inputs)} inputs")
+        self.x = inputs[0]
+        self.nodes, self.memo, self.absorbed = [], {}, set()
+
+    def submodule(self, n):
+        return self.module.get_submodule(n.target) if n.op == "call_module" else None
+
+    def is_relu(self, n):
+        return ((n.op == "call_function" and n.target in _RELU_FUNCTIONS)
+                or (n.op == "call_method" and n.target in ("relu", "relu_"))
+                or type(self.submodule(n)) is nn.ReLU)
+
+    def relu_inplace(self, n):
+        if n.op == "call_module":
+            return self.submodule(n).inplace
+        return n.target in (torch.relu_, F.relu_, "relu_") or bool(n.kwargs.get("inplace", n.args[1:2] == (True,)))
+
+    def pool_of(self, n):
+        """PoolSpec of a pooling node, or None if n is not one."""
+        m = self.submodule(n)
+        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            return PoolSpec.from_module(m)
+        if n.op == "call_function" and n.target in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d):
+            names = _AVG_POOL_ARGS if n.target is F.avg_pool2d else _MAX_POOL_ARGS
+            kwargs = dict(zip(names, n.args[1:]), **n.kwargs)
+            return PoolSpec.make("avg" if n.target is F.avg_pool2d else "max", **kwargs)
+        return None
+
+    def parse(self, v):
+        """Index of the node computing fx value v (a branch result), parsing its chain back to the input."""
+        if v in self.memo:
+            return self.memo[v]
+        if not isinstance(v, fx.Node):
+            raise UnsupportedBlock(f"a concatenated value is a constant ({v!r})")
+        relu, bn, cur = False, None, v
+        if self.is_relu(cur):
+            if self.relu_inplace(cur) and len(cur.args[0].users) > 1:
+                raise UnsupportedBlock("an in-place ReLU changes a value that is also used elsewhere")
+            relu, cur = True, self._absorb(cur)
+        if type(self.submodule(cur)) is nn.BatchNorm2d:
+            bn, cur = cur.target, self._absorb(cur)
+        conv = pool = None
+        if isinstance(self.submodule(cur), nn.Conv2d):
+            conv, src_v = cur.target, self._absorb(cur)
+            pool = self.pool_of(src_v) if isinstance(src_v, fx.Node) else None
+            if pool is not None:
+                src_v = self._absorb(src_v)
+                if src_v is not self.x:
+                    raise UnsupportedBlock("a pool inside a branch (only a pool on the block input fuses)")
+        elif not relu and bn is None and self.pool_of(cur) is not None:
+            pool, src_v = self.pool_of(cur), self._absorb(cur)  # a pool-only branch
+            if src_v is not self.x:
+                raise UnsupportedBlock("a pool-only branch that doesn't read the block input")
+        else:
+            what = _describe(cur) if isinstance(cur, fx.Node) else repr(cur)
+            raise UnsupportedBlock(f"a branch is computed by {what}, not Conv2d/BatchNorm2d/ReLU/pool")
+        if not isinstance(src_v, fx.Node):
+            raise UnsupportedBlock(f"a layer reads a constant ({src_v!r})")
+        src = None if src_v is self.x else self.parse(src_v)
+        self.nodes.append(NodeRecipe(conv, bn, relu, src, pool))
+        self.memo[v] = len(self.nodes) - 1
+        return self.memo[v]
+
+    def _absorb(self, n):
+        """Mark n as part of the pattern; return its (single tensor) input."""
+        self.absorbed.add(n)
+        if len(n.args) < 1 or not isinstance(n.args[0], fx.Node):
+            raise UnsupportedBlock(f"{_describe(n)} has no tensor input")
+        return n.args[0]
+
+
+def _cat_inputs(n, cats):
+    """Flatten torch.cat(..., dim=1) (nested ones too) into the list of concatenated values."""
+    if isinstance(n, fx.Node) and n.op == "call_function" and n.target is torch.cat:
+        tensors = n.args[0] if n.args else n.kwargs.get("tensors")
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        if dim in (1, -3) and isinstance(tensors, (list, tuple)):
+            cats.add(n)
+            out = []
+            for t in tensors:
+                inner = _cat_inputs(t, cats) if isinstance(t, fx.Node) and len(t.users) == 1 else None
+                out.extend(inner if inner is not None else [t])
+            return out
+    return None
+
+
+def recipe_of(module, method="forward", allow_single=False):
+    """Trace module.<method> and return its Recipe (see the module docstring for what matches).
+
+    allow_single: also accept a single chain as the result (a conv unit), not only a concatenation.
+    """
+    tracer = _Tracer()
+    tracer.traced_func_name = method
+    try:
+        graph = tracer.trace(module)
+    except Exception as e:  # noqa: BLE001 - untraceable (control flow on values, ...) = not a candidate
+        raise NotABlock(f"not traceable by torch.fx: {type(e).__name__}") from e
+    parser = _Parser(module, graph)
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    cats = set()
+    values = _cat_inputs(output.args[0], cats)
+    if values is None and allow_single and isinstance(output.args[0], fx.Node):
+        values = [output.args[0]]
+    if values is None:
+        raise NotABlock("its result is not a torch.cat along channels")
+    outputs = tuple(parser.parse(v) for v in values)
+    for n in graph.nodes:
+        if n.op in ("call_module", "call_function", "call_method", "get_attr") and n not in parser.absorbed \
+                and n not in cats:
+            raise UnsupportedBlock(f"it computes {_describe(n)} outside the Inception pattern")
+    for i, r in enumerate(parser.nodes):
+        uses = sum(o == i for o in outputs) + sum(s.src == i for s in parser.nodes)
+        if uses == 0:
+            raise UnsupportedBlock(f"branch node {i} is computed but not used")
+    return Recipe(tuple(parser.nodes), outputs, len(parser.absorbed) + len(cats))
