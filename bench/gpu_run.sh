@@ -11,9 +11,13 @@ python -c "import torch, triton, torchvision; print('torch', torch.__version__, 
 'triton', triton.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())" > "$out/versions.txt"
 # The test suite on CUDA (fp32 with TF32 off, fp16/bf16 where the tests have them).
 FUSED_INCEPTION_DEVICE=cuda python -m pytest -q tests -rs 2>&1 | tee "$out/pytest-cuda.txt"
-# The fusion report at 224x224: fp32 NCHW and bf16 channels_last, batch 1/32/256.
-for batch in 1 32 256; do
-  python -m fused_inception --device cuda --batch "$batch" --size 224 2>&1 | tee "$out/report-fp32-b$batch.txt"
-  python -m fused_inception --device cuda --batch "$batch" --size 224 --dtype bfloat16 --channels-last 2>&1 \
-    | tee "$out/report-bf16-cl-b$batch.txt"
+# The fusion reports (GoogLeNet 224x224, Inception v3 299x299): fp32 NCHW and bf16 channels_last,
+# batch 1/32/256.
+for model in googlenet inception_v3; do
+  for batch in 1 32 256; do
+    python -m fused_inception --model "$model" --device cuda --batch "$batch" 2>&1 \
+      | tee "$out/report-$model-fp32-b$batch.txt"
+    python -m fused_inception --model "$model" --device cuda --batch "$batch" --dtype bfloat16 --channels-last 2>&1 \
+      | tee "$out/report-$model-bf16-cl-b$batch.txt"
+  done
 done

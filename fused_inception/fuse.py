@@ -9,6 +9,8 @@ report says why; modules that are not candidates are searched for blocks inside 
 import copy
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from fused_inception.blocks import FusedBlock, FusedGraphBlock
 from fused_inception.pattern import NotABlock, recipe_of
 from fused_inception.plan import UnsupportedBlock, check_graph
@@ -33,8 +35,8 @@ class FuseReport:
 
 def _fused_or_reason(module):
     """A FusedGraphBlock for module, the reason it can't be fused, or None if it is no candidate."""
-    if isinstance(module, FusedBlock) or not any(True for _ in module.parameters()):
-        return None
+    if isinstance(module, (FusedBlock, nn.Sequential)) or not any(True for _ in module.parameters()):
+        return None  # containers: the block is found inside them
     try:
         recipe = recipe_of(module)
         fused = FusedGraphBlock(module, recipe)

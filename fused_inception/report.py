@@ -1,4 +1,4 @@
-"""The fusion report: per block of GoogLeNet, eager vs fused launches, bytes moved, error and time.
+"""The fusion report: per block of GoogLeNet or Inception v3, eager vs fused launches, bytes moved, error, time.
 
 `python -m fused_inception --help` runs it. The fused model and torchvision's reference share one
 state_dict and one input; each block is run on the input the reference block received, so its
@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fused_inception.blocks import FusedBlock
 from fused_inception.launches import count_launches, count_torch_kernels
 
-BLOCK_NAMES = ["conv1", "conv2", "conv3", "inception3a", "inception3b", "inception4a", "inception4b",
-               "inception4c", "inception4d", "inception4e", "inception5a", "inception5b"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -101,39 +100,50 @@ class Row:
     fused_ms: float = float("nan")
 
 
-def build_models(seed, dtype, device, memory_format):
+MODELS = {
+    # name: (torchvision builder, fused builder, default CPU batch, default CPU size)
+    "googlenet": ("googlenet", "googlenet", 2, 64),
+    "inception_v3": ("inception_v3", "inception_v3", 1, 75),
+}
+
+
+def build_models(model, seed, dtype, device, memory_format):
+    """(torchvision reference, fused model) with one random state_dict, in eval mode, without aux heads."""
     import torchvision
 
-    from fused_inception.models import googlenet
+    from fused_inception import models
 
+    tv_name, fused_name, _, _ = MODELS[model]
     torch.manual_seed(seed)
-    ref = informative_init_(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True), seed)
-    fused = googlenet(aux_logits=False)
+    ref = getattr(torchvision.models, tv_name)(weights=None, aux_logits=False, init_weights=True)
+    ref = informative_init_(ref, seed)
+    fused = getattr(models, fused_name)(aux_logits=False)
     fused.load_state_dict(ref.state_dict())
     ref = ref.eval().to(device=device, dtype=dtype, memory_format=memory_format)
     fused = fused.eval().to(device=device, dtype=dtype, memory_format=memory_format)
     return ref, fused
 
 
-def run_report(batch=2, size=64, dtype=torch.float32, device="cpu", seed=0, channels_last=False):
-    """Build GoogLeNet, compare fused against torchvision per block; returns the rows (last: whole net)."""
+def run_report(model="googlenet", batch=2, size=64, dtype=torch.float32, device="cpu", seed=0, channels_last=False):
+    """Compare the fused model against torchvision's per fused block; returns the rows (last: whole net)."""
     device = torch.device(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    ref, fused = build_models(seed, dtype, device, memory_format)
+    ref, fused = build_models(model, seed, dtype, device, memory_format)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     x = x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
     timed = device.type == "cuda"
+    names = [name for name, m in fused.named_children() if isinstance(m, FusedBlock)]
 
     inputs = {}
     hooks = [getattr(ref, name).register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0]))
-             for name in BLOCK_NAMES]
+             for name in names]
     rows = []
     with torch.no_grad():
         with count_torch_kernels() as eager_total:
             logits_ref = ref(x)
         for h in hooks:
             h.remove()
-        for name in BLOCK_NAMES:
+        for name in names:
             r, f, xin = getattr(ref, name), getattr(fused, name), inputs[name]
             f.plan()  # built outside the count, as after the first forward
             with count_torch_kernels() as eager_k:
@@ -148,7 +158,7 @@ def run_report(batch=2, size=64, dtype=torch.float32, device="cpu", seed=0, chan
             rows.append(row)
         with count_launches() as launches, count_torch_kernels() as torch_k:
             logits = fused(x)
-        total = Row("GoogLeNet (whole; MB: blocks only)", eager_total.value, launches.value + torch_k.value,
+        total = Row(f"{model} (whole; MB: blocks only)", eager_total.value, launches.value + torch_k.value,
                     sum(r.eager_mb for r in rows), sum(r.fused_mb for r in rows),
                     (logits.float() - logits_ref.float()).abs().max().item(), logits_ref.float().abs().max().item())
         if timed:
@@ -174,12 +184,16 @@ def format_table(rows, timed):
 def parser():
     p = argparse.ArgumentParser(
         prog="python -m fused_inception",
-        description="Fusion report for GoogLeNet: per block, eager vs fused kernel launches, modelled bytes "
+        description="Fusion report for GoogLeNet or Inception v3: per fused block, eager vs fused kernel launches, "
+                    "modelled bytes "
                     "moved, max abs error against torchvision, and time per block on a GPU. Without a GPU the "
                     "kernels run in Triton's CPU interpreter (slow: keep the input small).")
-    p.add_argument("--model", default="googlenet", choices=["googlenet"], help="network to report on")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: 2 on CPU, 32 on CUDA)")
-    p.add_argument("--size", type=int, default=None, help="input height and width (default: 64 on CPU, 224 on CUDA)")
+    p.add_argument("--model", default="googlenet", choices=sorted(MODELS), help="network to report on")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size (default on CPU: 2 for googlenet, 1 for inception_v3; on CUDA: 32)")
+    p.add_argument("--size", type=int, default=None,
+                   help="input height and width (default on CPU: 64 for googlenet, 75 for inception_v3; on CUDA: "
+                        "224 for googlenet, 299 for inception_v3)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model and input dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="cuda: Triton on the GPU, timed; cpu: Triton's interpreter; auto: cuda if available")
@@ -198,12 +212,13 @@ def main(argv=None):
     if device == "cpu" and not kconv.INTERPRETING:
         raise SystemExit("the kernels run on CPU only in Triton's interpreter: "
                          "run with TRITON_INTERPRET=1 (python -m fused_inception does this itself)")
-    batch = args.batch or (32 if device == "cuda" else 2)
-    size = args.size or (224 if device == "cuda" else 64)
+    _, _, cpu_batch, cpu_size = MODELS[args.model]
+    batch = args.batch or (32 if device == "cuda" else cpu_batch)
+    size = args.size or ((224 if args.model == "googlenet" else 299) if device == "cuda" else cpu_size)
     start = time.perf_counter()
-    rows = run_report(batch, size, DTYPES[args.dtype], device, args.seed, args.channels_last)
+    rows = run_report(args.model, batch, size, DTYPES[args.dtype], device, args.seed, args.channels_last)
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter (no timings)"
-    print(f"GoogLeNet fusion report: input {batch}x3x{size}x{size} {args.dtype}"
+    print(f"{args.model} fusion report: input {batch}x3x{size}x{size} {args.dtype}"
           f"{' channels_last' if args.channels_last else ''}, {where}")
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}; launches = Triton launches + "
           "torch kernels (eager: ATen operators that launch a kernel)")

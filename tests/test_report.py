@@ -27,3 +27,14 @@ def test_help_explains_the_options():
     assert r.returncode == 0
     for option in ("--batch", "--size", "--dtype", "--device"):
         assert option in r.stdout
+
+
+def test_report_inception_v3():
+    """`--model inception_v3` at the smallest legal input: A/B/C/D/E launches 3/3/5/4/3, 312 -> 51 in all."""
+    rows = main(["--model", "inception_v3", "--device", "cpu"])
+    launches = {r.name: r.fused_launches for r in rows}
+    assert [launches[f"Mixed_{n}"] for n in ("5b", "6a", "6b", "7a", "7b")] == [3, 3, 5, 4, 3]
+    whole = rows[-1]
+    assert (whole.eager_launches, whole.fused_launches) == (312, 51)
+    for r in rows[:-1]:
+        assert r.max_abs_err <= 1e-4 * r.max_abs_ref, r.name
