@@ -4,7 +4,9 @@ The pattern: one input; branches that start from it, optionally through a max/av
 chains of `Conv2d -> BatchNorm2d? -> ReLU?` (ReLU as a module, `F.relu`, `torch.relu`, the
 `.relu()` method, in place or not; any wrapper modules and `nn.Sequential` are traced through),
 or a pool alone; a branch may read another branch's result (trees, as Inception v3's split
-1x3/3x1 branches); and one `torch.cat(..., dim=1)` (possibly nested) as the block's result.
+1x3/3x1 branches); and one `torch.cat(..., dim=1)` (possibly nested) as the block's result, or, for Inception-ResNet,
+`relu?(x + scale * conv(cat))` in any arrangement of the add and multiply (scale a number or a
+buffer, ReLU optional as in the last block of the network).
 
 `recipe_of(module)` returns a `Recipe`: the nodes by submodule *name*, so the recipe can be
 resolved against the live module each time (`Recipe.graph(module)`) and never holds stale
@@ -15,11 +17,13 @@ a candidate) and `UnsupportedBlock` with the reason for a candidate that can't b
 from dataclasses import dataclass
 from typing import Optional
 
+import operator
+
 import torch
 from torch import fx, nn
 import torch.nn.functional as F
 
-from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, UnsupportedBlock
+from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, ResidualHead, UnsupportedBlock
 
 
 class NotABlock(Exception):
@@ -36,10 +40,18 @@ class NodeRecipe:
 
 
 @dataclass(frozen=True)
+class HeadRecipe:
+    conv: str
+    scale: object  # a number, or the qualified name (str) of a one-element buffer
+    relu: bool
+
+
+@dataclass(frozen=True)
 class Recipe:
     nodes: tuple
     outputs: tuple
-    eager_kernels: int  # kernel-launching operations of the traced forward (conv, BN, ReLU, pool, cat)
+    eager_kernels: int  # kernel-launching operations of the traced forward (conv, BN, ReLU, pool, cat, ...)
+    head: Optional[HeadRecipe] = None
 
     def graph(self, module):
         """The BlockGraph of `module`'s current submodules."""
@@ -49,14 +61,25 @@ class Recipe:
         readers = [n.conv for n in nodes if n.src is None and n.conv is not None]
         if not readers:
             raise UnsupportedBlock("no convolution reads the block input")
-        return BlockGraph(nodes, list(self.outputs), readers[0].in_channels)
+        head = None
+        if self.head is not None:
+            scale = self.head.scale
+            if isinstance(scale, str):
+                scale = _attribute(module, scale)
+            head = ResidualHead(module.get_submodule(self.head.conv), scale, self.head.relu)
+        return BlockGraph(nodes, list(self.outputs), readers[0].in_channels, head)
 
     @property
     def launches(self):
         depths = []
         for r in self.nodes:
             depths.append(1 if r.src is None else depths[r.src] + 1)
-        return max(depths)
+        return max(depths) + (self.head is not None)
+
+
+def _attribute(module, qualname):
+    *path, name = qualname.split(".")
+    return getattr(module.get_submodule(".".join(path)), name)
 
 
 class _Tracer(fx.Tracer):
@@ -180,9 +203,16 @@ def recipe_of(module, method="forward", allow_single=False):
     parser = _Parser(module, graph)
     (output,) = [n for n in graph.nodes if n.op == "output"]
     cats = set()
-    values = _cat_inputs(output.args[0], cats)
-    if values is None and allow_single and isinstance(output.args[0], fx.Node):
-        values = [output.args[0]]
+    result, head = output.args[0], None
+    values = _cat_inputs(result, cats)
+    if values is None and isinstance(result, fx.Node):
+        head, cat = _residual_head(parser, result)
+        if head is not None:
+            values = _cat_inputs(cat, cats)
+            if values is None:
+                raise UnsupportedBlock("the residual head's conv does not read a channel concatenation")
+    if values is None and allow_single and isinstance(result, fx.Node):
+        values = [result]
     if values is None:
         raise NotABlock("its result is not a torch.cat along channels")
     outputs = tuple(parser.parse(v) for v in values)
@@ -194,4 +224,49 @@ def recipe_of(module, method="forward", allow_single=False):
         uses = sum(o == i for o in outputs) + sum(s.src == i for s in parser.nodes)
         if uses == 0:
             raise UnsupportedBlock(f"branch node {i} is computed but not used")
-    return Recipe(tuple(parser.nodes), outputs, len(parser.absorbed) + len(cats))
+    return Recipe(tuple(parser.nodes), outputs, len(parser.absorbed) + len(cats), head)
+
+
+_ADD = {operator.add, torch.add}
+_MUL = {operator.mul, torch.mul}
+
+
+def _residual_head(parser, result):
+    """(HeadRecipe, the fx value the head conv reads) for relu?(x + scale * conv(v)), else (None, None).
+
+    Nodes are only absorbed once the whole shape has matched; a non-match leaves no trace."""
+    taken, relu, cur = [], False, result
+    if parser.is_relu(cur):
+        relu = True
+        taken.append(cur)
+        cur = cur.args[0]
+    is_add = isinstance(cur, fx.Node) and ((cur.op == "call_function" and cur.target in _ADD)
+                                           or (cur.op == "call_method" and cur.target == "add"))
+    if not is_add or len(cur.args) != 2 or cur.kwargs:
+        return None, None
+    a, b = cur.args
+    if b is parser.x:
+        a, b = b, a
+    if a is not parser.x or not isinstance(b, fx.Node):
+        return None, None
+    taken.append(cur)
+    scale, up = 1.0, b
+    if b.op == "call_function" and b.target in _MUL or (b.op == "call_method" and b.target == "mul"):
+        u, v = b.args
+        if isinstance(u, fx.Node) and u.op == "call_module":
+            up, scale = u, v
+        else:
+            up, scale = v, u
+        taken.append(b)
+        if isinstance(scale, fx.Node):
+            if scale.op != "get_attr":
+                return None, None
+            taken.append(scale)
+            scale = scale.target
+        elif not isinstance(scale, (int, float)):
+            return None, None
+    if not (isinstance(up, fx.Node) and isinstance(parser.submodule(up), nn.Conv2d)):
+        return None, None
+    taken.append(up)
+    parser.absorbed.update(taken)
+    return HeadRecipe(up.target, scale, relu), up.args[0]

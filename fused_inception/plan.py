@@ -101,12 +101,26 @@ class ConvNode:
 
 
 @dataclass
+class ResidualHead:
+    """Inception-ResNet's end of block: relu?(cat * 1 -> conv (with bias) -> * scale + x).
+
+    `scale` is a Python number or a one-element tensor (a buffer), read when the plan is built.
+    """
+
+    conv: nn.Conv2d
+    scale: object = 1.0
+    relu: bool = True
+
+
+@dataclass
 class BlockGraph:
-    """Nodes plus the output nodes in `torch.cat(..., dim=1)` order."""
+    """Nodes plus the output nodes in `torch.cat(..., dim=1)` order, and an optional residual head
+    that turns the concatenation into `relu?(x + scale * conv(cat))`."""
 
     nodes: list
     outputs: list
     in_channels: int
+    head: Optional[ResidualHead] = None
 
     def eager(self, x):
         """The graph's math with torch ops (eval and train): what the unfused block computes."""
@@ -122,9 +136,12 @@ class BlockGraph:
             if node.relu:
                 y = F.relu(y)
             results.append(y)
-        if len(self.outputs) == 1:
-            return results[self.outputs[0]]
-        return torch.cat([results[i] for i in self.outputs], 1)
+        y = results[self.outputs[0]] if len(self.outputs) == 1 else torch.cat([results[i] for i in self.outputs], 1)
+        if self.head is not None:
+            y = self.head.conv(y) * self.head.scale + x
+            if self.head.relu:
+                y = F.relu(y)
+        return y
 
     def channels(self):
         """Output channels of every node."""
@@ -212,6 +229,7 @@ class Plan:
     geometry: list  # per node: (src, pool spec or None, conv (kh, kw, sh, sw, ph, pw) or None)
     outputs: list
     mid_nodes: list
+    head: Optional[tuple] = None  # residual head conv (kh, kw, sh, sw, ph, pw)
     _sizes: dict = field(default_factory=dict)
 
     def node_sizes(self, h, w):
@@ -242,7 +260,14 @@ class Plan:
             mid_hw = {hw[i] for i in self.mid_nodes} or set(out_hw)
             if len(mid_hw) != 1:
                 raise ValueError(f"intermediate results have different spatial sizes {sorted(mid_hw)}")
-            self._sizes[key] = (out_hw.pop(), mid_hw.pop())
+            out_hw = out_hw.pop()
+            if self.head is not None:
+                kh, kw, sh, sw, ph, pw = self.head
+                out_hw = ((out_hw[0] + 2 * ph - kh) // sh + 1, (out_hw[1] + 2 * pw - kw) // sw + 1)
+                if out_hw != (h, w):
+                    raise ValueError(f"residual block: the branch result is {out_hw[0]}x{out_hw[1]}, "
+                                     f"the input {h}x{w}: x + scale * up would fail too")
+            self._sizes[key] = (out_hw, mid_hw.pop())
         return self._sizes[key]
 
     def run(self, x, memory_format):
@@ -300,6 +325,14 @@ def check_graph(graph):
         _check_node(i, node, graph.in_channels if node.src is None else couts[node.src])
     if len(set(graph.outputs)) != len(graph.outputs):
         raise UnsupportedBlock("a branch output appears twice in the concatenation")
+    head = graph.head
+    if head is not None:
+        _check_node("head", ConvNode(head.conv, None, head.relu), sum(couts[i] for i in graph.outputs))
+        if head.conv.out_channels != graph.in_channels:
+            raise UnsupportedBlock(f"residual head: conv gives {head.conv.out_channels} channels, "
+                                   f"the block input has {graph.in_channels}")
+        if isinstance(head.scale, torch.Tensor) and head.scale.numel() != 1:
+            raise UnsupportedBlock("residual head: the scale is a tensor of more than one element")
 
 
 def build_plan(graph, device, dtype):
@@ -311,15 +344,17 @@ def build_plan(graph, device, dtype):
     nodes = graph.nodes
     couts = graph.channels()
 
-    # Channel slices: output nodes in cat order, the rest in `mid`, allocated stage by stage
+    # Channel slices: output nodes in cat order (in the block output, or at the start of `mid`
+    # when a residual head reads the concatenation), the rest in `mid`, allocated stage by stage
     # and group by group so that merged mid-bound nodes are contiguous.
+    cat_buf = kconv.BUF_OUT if graph.head is None else kconv.BUF_MID
     out_c, c = {}, 0
     for i in graph.outputs:
         out_c[i] = c
         c += couts[i]
-    out_channels = c
+    cat_channels = c
     depths = graph.depths()
-    mid_c, mid_channels = {}, 0
+    mid_c, mid_channels = {}, (0 if graph.head is None else cat_channels)
     stages = []
     for depth in range(1, max(depths) + 1):
         groups = {}
@@ -339,10 +374,10 @@ def build_plan(graph, device, dtype):
                 if src is None:
                     src_buf, src_c, cin = kconv.BUF_X, 0, graph.in_channels
                 else:
-                    src_buf, src_c = ((kconv.BUF_OUT, out_c[src]) if src in out_c else (kconv.BUF_MID, mid_c[src]))
+                    src_buf, src_c = ((cat_buf, out_c[src]) if src in out_c else (kconv.BUF_MID, mid_c[src]))
                     cin = couts[src]
                 ncols = sum(couts[i] for i in members_p)
-                dst0 = (kconv.BUF_OUT, out_c[to_out[0]]) if to_out else (kconv.BUF_MID, mid_c[to_mid[0]])
+                dst0 = (cat_buf, out_c[to_out[0]]) if to_out else (kconv.BUF_MID, mid_c[to_mid[0]])
                 dst1 = (kconv.BUF_MID, mid_c[to_mid[0]]) if (to_out and to_mid) else dst0
                 split = sum(couts[i] for i in to_out) if to_out else ncols
                 pool = first.pool
@@ -372,18 +407,42 @@ def build_plan(graph, device, dtype):
                     shifts.append(b)
                 members.append(tuple(members_p))
                 ss_off += ncols
-        stages.append(Stage(
-            table=torch.tensor(rows, dtype=torch.int32, device=device),
-            problems=tuple(problems),
-            weight=torch.cat(weights) if weights else torch.zeros(1, dtype=dtype, device=device),
-            scale=torch.cat(scales).to(device=device, dtype=torch.float32),
-            shift=torch.cat(shifts).to(device=device, dtype=torch.float32),
-            nodes=tuple(members),
-        ))
+        stages.append(_stage(rows, problems, weights, scales, shifts, members, device, dtype))
+    if graph.head is not None:
+        stages.append(_head_stage(graph, cat_channels, device, dtype))
     geometry = [(n.src, n.pool, None if n.conv is None else (*n.conv.kernel_size, *n.conv.stride, *n.conv.padding))
                 for n in nodes]
-    return Plan(stages=stages, out_channels=out_channels, mid_channels=mid_channels, geometry=geometry,
-                outputs=list(graph.outputs), mid_nodes=sorted(mid_c))
+    head = None if graph.head is None else (*graph.head.conv.kernel_size, *graph.head.conv.stride,
+                                            *graph.head.conv.padding)
+    return Plan(stages=stages, out_channels=cat_channels if head is None else graph.in_channels,
+                mid_channels=mid_channels, geometry=geometry, outputs=list(graph.outputs),
+                mid_nodes=sorted(mid_c) + (list(graph.outputs) if head else []), head=head)
+
+
+def _stage(rows, problems, weights, scales, shifts, members, device, dtype):
+    return Stage(
+        table=torch.tensor(rows, dtype=torch.int32, device=device),
+        problems=tuple(problems),
+        weight=torch.cat(weights) if weights else torch.zeros(1, dtype=dtype, device=device),
+        scale=torch.cat(scales).to(device=device, dtype=torch.float32),
+        shift=torch.cat(shifts).to(device=device, dtype=torch.float32),
+        nodes=tuple(members),
+    )
+
+
+def _head_stage(graph, cat_channels, device, dtype):
+    """The residual head: conv over the whole concatenation in `mid`, x added in the epilogue."""
+    conv, cout = graph.head.conv, graph.in_channels
+    kh, kw = conv.kernel_size
+    k = kh * kw * cat_channels
+    row = kconv.problem_row(src=kconv.BUF_MID, src_c=0, cin=cat_channels, kh=kh, kw=kw, sh=conv.stride[0],
+                            sw=conv.stride[1], ph=conv.padding[0], pw=conv.padding[1], ncols=cout, split=cout,
+                            dst0=kconv.BUF_OUT, dst0_c=0, dst1=kconv.BUF_OUT, dst1_c=0, res=1,
+                            relu=int(graph.head.relu))
+    weight = conv.weight.detach().permute(2, 3, 1, 0).reshape(-1).to(device=device, dtype=dtype)
+    scale, shift = folded_scale_shift(ConvNode(conv, None), cout, device)
+    s = float(graph.head.scale)  # a buffer is read here, when the plan is built, not per forward
+    return _stage([row], [(kconv.BUF_OUT, cout, k)], [weight], [scale * s], [shift * s], [("head",)], device, dtype)
 
 
 def longest_chain(graph):

@@ -1,4 +1,4 @@
-"""The fusion report: per block of GoogLeNet or Inception v3, eager vs fused launches, bytes moved, error, time.
+"""The fusion report: per block of an Inception network, eager vs fused launches, bytes moved, error, time.
 
 `python -m fused_inception --help` runs it. The fused model and torchvision's reference share one
 state_dict and one input; each block is run on the input the reference block received, so its
@@ -66,11 +66,19 @@ def traffic(block, x_shape, elem_size):
         if node.conv is not None:
             eager += inp + node.conv.weight.numel() + out
         eager += 2 * out * ((node.bn is not None) + node.relu)  # BN, ReLU: read and write
+    cat_h, cat_w = hw[graph.outputs[0]]
+    cat_elems = n * sum(couts[i] for i in graph.outputs) * cat_h * cat_w
     if len(graph.outputs) > 1:
-        eager += 2 * n * plan.out_channels * oh * ow  # cat
+        eager += 2 * cat_elems  # cat: read the branches, write the block
+    if graph.head is not None:  # conv reads the cat; mul; add reads x too; ReLU
+        n_out = n * graph.in_channels * oh * ow
+        eager += cat_elems + graph.head.conv.weight.numel() + n_out + 2 * n_out + 3 * n_out + 2 * n_out * graph.head.relu
     fused = 0
     for stage in plan.stages:
         for (dst, ncols, k), members in zip(stage.problems, stage.nodes):
+            if members == ("head",):  # reads the concatenation and x, writes the output
+                fused += cat_elems + 2 * n * ncols * oh * ow + k * ncols
+                continue
             node = graph.nodes[members[0]]
             src = node.src
             ih, iw = (h, w) if src is None else hw[src]
@@ -101,41 +109,71 @@ class Row:
 
 
 MODELS = {
-    # name: (torchvision builder, fused builder, default CPU batch, default CPU size)
-    "googlenet": ("googlenet", "googlenet", 2, 64),
-    "inception_v3": ("inception_v3", "inception_v3", 1, 75),
+    # name: (reference, default CPU batch, default CPU size, default CUDA size)
+    "googlenet": ("torchvision", 2, 64, 224),
+    "inception_v3": ("torchvision", 1, 75, 299),
+    "inception_resnet_v2": ("the unfused model (timm's architecture and keys)", 1, 75, 299),
 }
 
 
-def build_models(model, seed, dtype, device, memory_format):
-    """(torchvision reference, fused model) with one random state_dict, in eval mode, without aux heads."""
+def build_models(model, seed, dtype, device, memory_format, width=1):
+    """(reference, fused model) with one random state_dict, in eval mode, without aux heads.
+
+    GoogLeNet and Inception v3: torchvision's model and ours. Inception-ResNet-v2 (channels divided
+    by `width`): the plain PyTorch model and fuse() of a copy of it.
+    """
+    import copy
+
     import torchvision
 
     from fused_inception import models
+    from fused_inception.fuse import fuse
+    from fused_inception.models.inception_resnet_v2 import InceptionResnetV2
 
-    tv_name, fused_name, _, _ = MODELS[model]
     torch.manual_seed(seed)
-    ref = getattr(torchvision.models, tv_name)(weights=None, aux_logits=False, init_weights=True)
-    ref = informative_init_(ref, seed)
-    fused = getattr(models, fused_name)(aux_logits=False)
-    fused.load_state_dict(ref.state_dict())
+    if model == "inception_resnet_v2":
+        ref = informative_init_(InceptionResnetV2(width=width), seed)
+        fused, _ = fuse(copy.deepcopy(ref))
+    else:
+        ref = getattr(torchvision.models, model)(weights=None, aux_logits=False, init_weights=True)
+        ref = informative_init_(ref, seed)
+        fused = getattr(models, model)(aux_logits=False)
+        fused.load_state_dict(ref.state_dict())
     ref = ref.eval().to(device=device, dtype=dtype, memory_format=memory_format)
     fused = fused.eval().to(device=device, dtype=dtype, memory_format=memory_format)
     return ref, fused
 
 
-def run_report(model="googlenet", batch=2, size=64, dtype=torch.float32, device="cpu", seed=0, channels_last=False):
-    """Compare the fused model against torchvision's per fused block; returns the rows (last: whole net)."""
+def fused_blocks(model):
+    """(qualified name, block) of the outermost FusedBlocks of a model, in order."""
+    found = []
+
+    def visit(module, prefix):
+        for name, child in module.named_children():
+            qual = f"{prefix}{name}"
+            if isinstance(child, FusedBlock):
+                found.append((qual, child))
+            else:
+                visit(child, qual + ".")
+
+    visit(model, "")
+    return found
+
+
+def run_report(model="googlenet", batch=2, size=64, dtype=torch.float32, device="cpu", seed=0, channels_last=False,
+               width=1):
+    """Compare the fused model against its reference per fused block; returns the rows (last: whole net)."""
     device = torch.device(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    ref, fused = build_models(model, seed, dtype, device, memory_format)
+    ref, fused = build_models(model, seed, dtype, device, memory_format, width)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     x = x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
     timed = device.type == "cuda"
-    names = [name for name, m in fused.named_children() if isinstance(m, FusedBlock)]
+    blocks = fused_blocks(fused)
+    names = [name for name, _ in blocks]
 
     inputs = {}
-    hooks = [getattr(ref, name).register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0]))
+    hooks = [ref.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0]))
              for name in names]
     rows = []
     with torch.no_grad():
@@ -143,8 +181,8 @@ def run_report(model="googlenet", batch=2, size=64, dtype=torch.float32, device=
             logits_ref = ref(x)
         for h in hooks:
             h.remove()
-        for name in names:
-            r, f, xin = getattr(ref, name), getattr(fused, name), inputs[name]
+        for name, f in blocks:
+            r, xin = ref.get_submodule(name), inputs[name]
             f.plan()  # built outside the count, as after the first forward
             with count_torch_kernels() as eager_k:
                 expected = r(xin)
@@ -184,21 +222,24 @@ def format_table(rows, timed):
 def parser():
     p = argparse.ArgumentParser(
         prog="python -m fused_inception",
-        description="Fusion report for GoogLeNet or Inception v3: per fused block, eager vs fused kernel launches, "
+        description="Fusion report for GoogLeNet, Inception v3 or Inception-ResNet-v2: per fused block, eager vs "
+                    "fused kernel launches, "
                     "modelled bytes "
                     "moved, max abs error against torchvision, and time per block on a GPU. Without a GPU the "
                     "kernels run in Triton's CPU interpreter (slow: keep the input small).")
     p.add_argument("--model", default="googlenet", choices=sorted(MODELS), help="network to report on")
     p.add_argument("--batch", type=int, default=None,
-                   help="batch size (default on CPU: 2 for googlenet, 1 for inception_v3; on CUDA: 32)")
+                   help="batch size (default on CPU: 2 for googlenet, 1 for the others; on CUDA: 32)")
     p.add_argument("--size", type=int, default=None,
-                   help="input height and width (default on CPU: 64 for googlenet, 75 for inception_v3; on CUDA: "
-                        "224 for googlenet, 299 for inception_v3)")
+                   help="input height and width (default on CPU: 64 for googlenet, 75 for the others; on CUDA: "
+                        "224 for googlenet, 299 for the others)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model and input dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="cuda: Triton on the GPU, timed; cpu: Triton's interpreter; auto: cuda if available")
     p.add_argument("--channels-last", action="store_true", help="run both models and the input in channels_last")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and input")
+    p.add_argument("--width", type=int, default=None,
+                   help="inception_resnet_v2 only: divide every channel count by this (default: 8 on CPU, 1 on CUDA)")
     return p
 
 
@@ -212,13 +253,15 @@ def main(argv=None):
     if device == "cpu" and not kconv.INTERPRETING:
         raise SystemExit("the kernels run on CPU only in Triton's interpreter: "
                          "run with TRITON_INTERPRET=1 (python -m fused_inception does this itself)")
-    _, _, cpu_batch, cpu_size = MODELS[args.model]
+    reference, cpu_batch, cpu_size, cuda_size = MODELS[args.model]
     batch = args.batch or (32 if device == "cuda" else cpu_batch)
-    size = args.size or ((224 if args.model == "googlenet" else 299) if device == "cuda" else cpu_size)
+    size = args.size or (cuda_size if device == "cuda" else cpu_size)
+    width = args.width or (1 if device == "cuda" else 8)
     start = time.perf_counter()
-    rows = run_report(args.model, batch, size, DTYPES[args.dtype], device, args.seed, args.channels_last)
+    rows = run_report(args.model, batch, size, DTYPES[args.dtype], device, args.seed, args.channels_last, width)
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter (no timings)"
-    print(f"{args.model} fusion report: input {batch}x3x{size}x{size} {args.dtype}"
+    shape = f", width 1/{width}" if args.model == "inception_resnet_v2" else ""
+    print(f"{args.model} fusion report{shape} (reference: {reference}): input {batch}x3x{size}x{size} {args.dtype}"
           f"{' channels_last' if args.channels_last else ''}, {where}")
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}; launches = Triton launches + "
           "torch kernels (eager: ATen operators that launch a kernel)")

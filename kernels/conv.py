@@ -9,6 +9,7 @@ reads what another writes. Every problem is an implicit GEMM
     for each output pixel m and output channel n:
         acc = sum over taps (r, s) and channels c of  src[img, oh*SH - PH + r, ow*SW - PW + s, src_c + c] * w[(r*KW + s)*Cin + c, n]
         y   = acc * scale[n] + shift[n]          # folded BatchNorm and conv bias, in fp32
+        y  += x[img, oh, ow, n] if RES           # Inception-ResNet: scale folded into scale/shift
         y   = max(y, 0) if RELU                  # NaN stays NaN, as in torch.relu
         dst[img, oh, ow, dst_c + n] = y          # a channel slice of the block output or of `mid`
 
@@ -72,11 +73,12 @@ FIELDS = (
     "gemm",  # 1: convolution; 0: the pooled input channels are the result (ncols == cin)
     "ncols", "w_off", "ss_off",  # output channels, offsets into the stage's weight and scale/shift
     "split", "dst0", "dst0_c", "dst1", "dst1_c",  # columns < split -> dst0 slice, others -> dst1
+    "res",  # 1: add x[img, oy, ox, col] before the ReLU (Inception-ResNet's residual)
     "relu",
 )
 # Defaults of a row: a 1x1/stride-1 GEMM problem without pool or ReLU.
 _ROW_DEFAULTS = dict(src=BUF_X, src_c=0, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, pool=POOL_NONE, pkh=1, pkw=1,
-                     psh=1, psw=1, pph=0, ppw=0, gemm=1, w_off=0, ss_off=0, relu=0)
+                     psh=1, psw=1, pph=0, ppw=0, gemm=1, w_off=0, ss_off=0, res=0, relu=0)
 
 
 def problem_row(**fields):
@@ -114,7 +116,8 @@ F_DST0 = tl.constexpr(21)
 F_DST0_C = tl.constexpr(22)
 F_DST1 = tl.constexpr(23)
 F_DST1_C = tl.constexpr(24)
-F_RELU = tl.constexpr(25)
+F_RES = tl.constexpr(25)
+F_RELU = tl.constexpr(26)
 NUM_FIELDS = tl.constexpr(len(FIELDS))
 
 
@@ -211,6 +214,7 @@ def _conv_stage_kernel(
     dst0_c = tl.load(row + F_DST0_C)
     dst1 = tl.load(row + F_DST1)
     dst1_c = tl.load(row + F_DST1_C)
+    res = tl.load(row + F_RES)
     relu = tl.load(row + F_RELU)
 
     # Output geometry (dst0 and dst1 have the same spatial size: the plan guarantees it).
@@ -280,6 +284,10 @@ def _conv_stage_kernel(
     scale = tl.load(scale_ptr + ss_off + offs_n, mask=n_ok, other=0.0)
     shift = tl.load(shift_ptr + ss_off + offs_n, mask=n_ok, other=0.0)
     out = acc * scale[None, :] + shift[None, :]
+    if res != 0:  # residual from the block input, same pixel and channel (x and out share H, W)
+        r_row = img.to(tl.int64) * x_sn + oy.to(tl.int64) * x_sh + ox.to(tl.int64) * x_sw
+        out += tl.load(x_ptr + r_row[:, None] + (offs_n.to(tl.int64) * x_sc)[None, :],
+                       mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     out = tl.where((relu != 0) & (out < 0.0), 0.0, out)
     out = out.to(x_ptr.dtype.element_ty)
 
