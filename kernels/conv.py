@@ -128,19 +128,25 @@ def _pick(sel, a, b, c):
 
 
 @triton.jit
-def _pooled_tile(src, img_off, y0, x0, h, w, s_h, s_w, col_off, m_ok, k_ok, pool, pkh, pkw):
+def _row_offset(img, y, x, s_n, s_h, s_w):
+    """Element offset of pixel (img, y, x) in int64: a batch of large maps passes 2**31 elements."""
+    return img.to(tl.int64) * s_n + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
+
+
+@triton.jit
+def _pooled_tile(src, img, y0, x0, h, w, s_n, s_h, s_w, col_off, m_ok, k_ok, pool, pkh, pkw):
     """[rows, cols] fp32 tile of the pool whose windows start at (y0, x0): rows are output pixels,
     cols the channels at offsets col_off. Taps outside the image never count (max) or count as
     zeros (average including padding)."""
-    mx = tl.full((img_off.shape[0], col_off.shape[0]), float("-inf"), tl.float32)
-    total = tl.zeros((img_off.shape[0], col_off.shape[0]), tl.float32)
-    taps = tl.zeros((img_off.shape[0],), tl.float32)
+    mx = tl.full((img.shape[0], col_off.shape[0]), float("-inf"), tl.float32)
+    total = tl.zeros((img.shape[0], col_off.shape[0]), tl.float32)
+    taps = tl.zeros((img.shape[0],), tl.float32)
     for dy in range(pkh):
         for dx in range(pkw):
             y = y0 + dy
             x = x0 + dx
             ok = m_ok & (y >= 0) & (y < h) & (x >= 0) & (x < w)
-            row = img_off + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
+            row = _row_offset(img, y, x, s_n, s_h, s_w)
             mask = ok[:, None] & k_ok[None, :]
             v = tl.load(src + row[:, None] + col_off[None, :], mask=mask, other=0.0).to(tl.float32)
             # max_pool2d propagates NaN.
@@ -244,14 +250,13 @@ def _conv_stage_kernel(
     s_h = _pick(src_sel, x_sh, o_sh, m_sh).to(tl.int64)
     s_w = _pick(src_sel, x_sw, o_sw, m_sw).to(tl.int64)
     s_c = _pick(src_sel, x_sc, o_sc, m_sc).to(tl.int64)
-    img_off = img.to(tl.int64) * s_n  # int64: a batch of large maps passes 2**31 elements
 
     # Where each output pixel's pool window starts (a pooled problem's conv is 1x1/s1/p0).
     py0 = oy * psh - pph
     px0 = ox * psw - ppw
     if gemm == 0:
         # Pool-only problem: the result's columns are the pooled source channels.
-        acc = _pooled_tile(src, img_off, py0, px0, ih, iw, s_h, s_w, (src_c + offs_n).to(tl.int64) * s_c,
+        acc = _pooled_tile(src, img, py0, px0, ih, iw, s_n, s_h, s_w, (src_c + offs_n).to(tl.int64) * s_c,
                            m_ok, n_ok, pool, pkh, pkw)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -261,7 +266,7 @@ def _conv_stage_kernel(
             y = oy * sh - ph + r
             x = ox * sw - pw + s
             pix_ok = m_ok & (y >= 0) & (y < ih) & (x >= 0) & (x < iw)
-            a_row = img_off + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
+            a_row = _row_offset(img, y, x, s_n, s_h, s_w)
             w_tap = w_ptr + w_off + tap * cin * ncols
             for c0 in range(0, cin, BLOCK_K):
                 ch = c0 + offs_k
@@ -271,7 +276,7 @@ def _conv_stage_kernel(
                     a = tl.load(src + a_row[:, None] + a_col[None, :],
                                 mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
                 else:
-                    a = _pooled_tile(src, img_off, py0, px0, ih, iw, s_h, s_w, a_col, m_ok, k_ok,
+                    a = _pooled_tile(src, img, py0, px0, ih, iw, s_n, s_h, s_w, a_col, m_ok, k_ok,
                                      pool, pkh, pkw).to(src.dtype.element_ty)
                 b = tl.load(w_tap + ch[:, None] * ncols + offs_n[None, :],
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -285,7 +290,7 @@ def _conv_stage_kernel(
     shift = tl.load(shift_ptr + ss_off + offs_n, mask=n_ok, other=0.0)
     out = acc * scale[None, :] + shift[None, :]
     if res != 0:  # residual from the block input, same pixel and channel (x and out share H, W)
-        r_row = img.to(tl.int64) * x_sn + oy.to(tl.int64) * x_sh + ox.to(tl.int64) * x_sw
+        r_row = _row_offset(img, oy, ox, x_sn, x_sh, x_sw)
         out += tl.load(x_ptr + r_row[:, None] + (offs_n.to(tl.int64) * x_sc)[None, :],
                        mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     out = tl.where((relu != 0) & (out < 0.0), 0.0, out)
@@ -305,7 +310,7 @@ def _conv_stage_kernel(
         d_h = _pick(sel, x_sh, o_sh, m_sh).to(tl.int64)
         d_w = _pick(sel, x_sw, o_sw, m_sw).to(tl.int64)
         d_c = _pick(sel, x_sc, o_sc, m_sc).to(tl.int64)
-        d_row = img.to(tl.int64) * d_n + oy.to(tl.int64) * d_h + ox.to(tl.int64) * d_w
+        d_row = _row_offset(img, oy, ox, d_n, d_h, d_w)
         tl.store(dst + d_row[:, None] + (col.to(tl.int64) * d_c)[None, :], out,
                  mask=m_ok[:, None] & col_ok[None, :])
 

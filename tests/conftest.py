@@ -56,6 +56,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--property-cases", type=int, default=50,
+                     help="random block configurations checked by tests/test_hardening.py (default 50)")
+
+
+def pytest_generate_tests(metafunc):
+    if "property_case" in metafunc.fixturenames:
+        metafunc.parametrize("property_case", range(metafunc.config.getoption("property_cases")))
+
+
 @pytest.fixture
 def device():
     return torch.device(DEVICE)
