@@ -38,3 +38,14 @@ def test_report_inception_v3():
     assert (whole.eager_launches, whole.fused_launches) == (312, 51)
     for r in rows[:-1]:
         assert r.max_abs_err <= 1e-4 * r.max_abs_ref, r.name
+
+
+def test_report_inception_resnet_v2():
+    """`--model inception_resnet_v2` (1/8 width on CPU): every Mixed and residual block listed."""
+    rows = main(["--model", "inception_resnet_v2", "--device", "cpu"])
+    launches = {r.name: (r.eager_launches, r.fused_launches) for r in rows}
+    assert len(rows) == 43 + 1
+    assert launches["mixed_5b"] == (23, 3) and launches["repeat.9"] == (23, 4)
+    assert launches["repeat_1.19"] == (17, 4) and launches["block8"] == (16, 4)
+    for r in rows[:-1]:
+        assert r.max_abs_err <= 1e-4 * r.max_abs_ref, r.name
