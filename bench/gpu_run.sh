@@ -11,6 +11,10 @@ python -c "import torch, triton, torchvision; print('torch', torch.__version__, 
 'triton', triton.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())" > "$out/versions.txt"
 # The test suite on CUDA (fp32 with TF32 off, fp16/bf16 where the tests have them).
 FUSED_INCEPTION_DEVICE=cuda python -m pytest -q tests -rs 2>&1 | tee "$out/pytest-cuda.txt"
+# The pytest-benchmark suites: per block and whole networks, eager / torch.compile / fused, batch
+# 1/32/256, fp32 (TF32 as PyTorch's defaults) / bf16 / fp16, channels_last. Raw JSON with machine info.
+python -m pytest -q -p no:cacheprovider bench --benchmark-json="$out/bench.json" 2>&1 | tee "$out/bench.txt"
+python bench/report.py "$out/bench.json" > "$out/bench-table.md" 2>&1
 # The fusion reports (GoogLeNet 224x224, Inception v3 299x299): fp32 NCHW and bf16 channels_last,
 # batch 1/32/256.
 for model in googlenet inception_v3; do
