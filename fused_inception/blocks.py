@@ -17,6 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from fused_inception import ops
 from fused_inception.kernels import conv as kconv
 from fused_inception.pattern import recipe_of
 from fused_inception.plan import build_plan, check_graph
@@ -93,6 +94,12 @@ class FusedBlock(nn.Module):
         graph = self._recipe.graph(self)
         check_graph(graph)  # an unfusable block fails here, not at its first forward
         self._in_channels = graph.in_channels
+        self._op_id = ops.register(self)
+        self.invalidate_plan()
+
+    def __setstate__(self, state):  # copy.deepcopy and unpickling
+        super().__setstate__(state)
+        self._op_id = ops.register(self)
         self.invalidate_plan()
 
     def eager_forward(self, x):  # pragma: no cover - abstract
@@ -149,7 +156,11 @@ class FusedBlock(nn.Module):
         check_input(x, self._in_channels, like, type(self).__name__)
         if not self.uses_kernels(x):
             return self.eager_forward(x)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._tracked_params())):
+        records = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if torch.compiler.is_compiling():
+            # One opaque custom op per block in inference; with autograd, the eager graph (traced).
+            return self.eager_forward(x) if records else ops.block_forward(x, self._op_id)
+        if records:
             return _EvalFunction.apply(self, x, *self._tracked_params())
         return self._run_plan(x)
 

@@ -234,19 +234,7 @@ class Plan:
 
     def node_sizes(self, h, w):
         """Spatial size of every node's result for an h x w input."""
-        hw = []
-        for src, pool, conv in self.geometry:
-            ih, iw = (h, w) if src is None else hw[src]
-            if pool is not None:
-                ih, iw = pool.out_size(ih, iw)
-            if conv is not None:
-                kh, kw, sh, sw, ph, pw = conv
-                ih, iw = (ih + 2 * ph - kh) // sh + 1, (iw + 2 * pw - kw) // sw + 1
-            if ih <= 0 or iw <= 0:
-                raise ValueError(f"input of spatial size {h}x{w} is too small for this block "
-                                 f"(a pool or convolution has no output)")
-            hw.append((ih, iw))
-        return hw
+        return node_sizes(self.geometry, h, w)
 
     def sizes(self, h, w):
         """((out_h, out_w), (mid_h, mid_w)) for an input of spatial size h x w; raises if they disagree."""
@@ -283,6 +271,40 @@ class Plan:
         for stage in self.stages:
             stage.run(x, out, mid)
         return out
+
+
+def geometry_of(graph):
+    """Per node: (src, pool spec or None, conv (kh, kw, sh, sw, ph, pw) or None)."""
+    return [(n.src, n.pool, None if n.conv is None else (*n.conv.kernel_size, *n.conv.stride, *n.conv.padding))
+            for n in graph.nodes]
+
+
+def node_sizes(geometry, h, w):
+    """Spatial size of every node's result for an h x w input."""
+    hw = []
+    for src, pool, conv in geometry:
+        ih, iw = (h, w) if src is None else hw[src]
+        if pool is not None:
+            ih, iw = pool.out_size(ih, iw)
+        if conv is not None:
+            kh, kw, sh, sw, ph, pw = conv
+            ih, iw = (ih + 2 * ph - kh) // sh + 1, (iw + 2 * pw - kw) // sw + 1
+        if ih <= 0 or iw <= 0:
+            raise ValueError(f"input of spatial size {h}x{w} is too small for this block "
+                             f"(a pool or convolution has no output)")
+        hw.append((ih, iw))
+    return hw
+
+
+def output_shape(graph, n, h, w):
+    """(N, C, H, W) of the block's output for an n x C x h x w input, without building a plan."""
+    channels = graph.channels()
+    c = graph.in_channels if graph.head is not None else sum(channels[i] for i in graph.outputs)
+    oh, ow = node_sizes(geometry_of(graph), h, w)[graph.outputs[0]]
+    if graph.head is not None:
+        (kh, kw), (sh, sw), (ph, pw) = graph.head.conv.kernel_size, graph.head.conv.stride, graph.head.conv.padding
+        oh, ow = (oh + 2 * ph - kh) // sh + 1, (ow + 2 * pw - kw) // sw + 1
+    return (n, c, oh, ow)
 
 
 def _merge_key(i, node):
@@ -410,8 +432,7 @@ def build_plan(graph, device, dtype):
         stages.append(_stage(rows, problems, weights, scales, shifts, members, device, dtype))
     if graph.head is not None:
         stages.append(_head_stage(graph, cat_channels, device, dtype))
-    geometry = [(n.src, n.pool, None if n.conv is None else (*n.conv.kernel_size, *n.conv.stride, *n.conv.padding))
-                for n in nodes]
+    geometry = geometry_of(graph)
     head = None if graph.head is None else (*graph.head.conv.kernel_size, *graph.head.conv.stride,
                                             *graph.head.conv.padding)
     return Plan(stages=stages, out_channels=cat_channels if head is None else graph.in_channels,
