@@ -218,3 +218,32 @@ def test_inception_resnet_v2_small_width():
     assert n.value == 3 + 40 * 4 + 3 + 3  # mixed_5b, 40 residual blocks x 4, mixed_6a, mixed_7a (stem: torch)
     assert_close_rel(y, expected, 5 * TOL[torch.float32], "logits")
     assert isinstance(inception_resnet_v2(width=16), InceptionResnetV2)
+
+
+class InceptionV4Small(nn.Module):
+    """timm's Inception-v4 layout (stem, Mixed3a/4a/5a, 4xA, ReductionA, 7xB, ReductionB, 3xC) at 1/8 width."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        c = channels(8)
+        self.features = nn.Sequential(
+            unit(3, c(32), 3, 2), unit(c(32), c(32), 3), unit(c(32), c(64), 3, 1, 1),
+            Mixed3a(c), Mixed4a(c), Mixed5a(c), *[InceptionA4(c) for _ in range(4)], ReductionA(c),
+            *[InceptionB4(c) for _ in range(7)], ReductionB(c), *[InceptionC4(c) for _ in range(3)])
+        self.last_linear = nn.Linear(c(1536), classes)
+
+    def forward(self, x):
+        return self.last_linear(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+def test_inception_v4_whole_network():
+    reference = randomize_(InceptionV4Small(), 7).eval()
+    model, report = fuse(copy.deepcopy(reference))
+    assert len(report.swapped) == 3 + 4 + 1 + 7 + 1 + 3 and report.left_alone == [], str(report)
+    x = torch.randn(1, 3, 75, 75)
+    with torch.no_grad():
+        with count_launches() as n:
+            y = model(x)
+        expected = reference.double()(x.double())
+    assert n.value == 1 + 4 + 1 + 4 * 3 + 3 + 7 * 5 + 4 + 3 * 4
+    assert_close_rel(y, expected, 5 * TOL[torch.float32], "logits")
