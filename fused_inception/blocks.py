@@ -24,6 +24,17 @@ from fused_inception.plan import build_plan, check_graph
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Bumped whenever any module registers a submodule (assignment included), so that FusedBlocks
+# know when to walk their module tree again.
+_module_generation = [0]
+
+
+def _count_module_registration(module, name, submodule):
+    _module_generation[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_module_registration)
+
 
 def check_input(x, in_channels, like, name):
     """Raise a clear error unless x is a 4-D floating tensor with `in_channels` channels, on the
@@ -114,16 +125,26 @@ class FusedBlock(nn.Module):
         """Kernel launches of a fused eval forward: the number of stages (the longest chain)."""
         return self._recipe.launches
 
+    def _submodules(self):
+        # Walking the module tree on every forward costs tens of microseconds; the list is kept
+        # until some module anywhere registers a submodule (a global registration hook).
+        if getattr(self, "_submodules_generation", None) != _module_generation[0]:
+            self._submodules_cache = list(self.modules())
+            self._submodules_generation = _module_generation[0]
+        return self._submodules_cache
+
     def _tracked_params(self):
-        return list(self.parameters())
+        return [p for m in self._submodules() for p in m._parameters.values() if p is not None]
 
     def _plan_key(self, like):
-        # Everything a plan is derived from: any in-place update bumps _version (optimizer steps,
-        # load_state_dict, running stats), .to()/.half() change dtype, device and data_ptr, and a
-        # replaced submodule changes the ids. Writes through `.data` bypass _version: call
+        # Everything a plan is derived from, read from the live parameter and buffer dicts: any
+        # in-place update bumps _version (optimizer steps, load_state_dict, running stats),
+        # .to()/.half() replace tensors (ids, data_ptr, dtype, device), and so does assigning a
+        # new parameter, buffer or submodule. Writes through `.data` bypass _version: call
         # `invalidate_plan()` after those.
-        tensors = list(self.parameters()) + list(self.buffers())
-        return (like.device, like.dtype, tuple((id(t), t._version, t.data_ptr()) for t in tensors))
+        return (like.device, like.dtype, tuple((id(t), t._version, t.data_ptr()) for m in self._submodules()
+                                               for d in (m._parameters, m._buffers) for t in d.values()
+                                               if t is not None))
 
     def invalidate_plan(self):
         """Drop the cached plan (it is rebuilt on the next fused forward)."""
@@ -136,7 +157,7 @@ class FusedBlock(nn.Module):
 
     def plan(self):
         """The current plan for this block's parameters (built, or taken from the cache)."""
-        like = next(self.parameters())
+        like = self._tracked_params()[0]
         key = self._plan_key(like)
         if self._fused_plan_key != key:
             self._fused_plan = build_plan(self.graph(), like.device, like.dtype)
@@ -152,17 +173,25 @@ class FusedBlock(nn.Module):
                 and not torch.is_autocast_enabled(x.device.type))
 
     def forward(self, x):
-        like = next(self.parameters())
-        check_input(x, self._in_channels, like, type(self).__name__)
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
+        params = self._tracked_params()
+        check_input(x, self._in_channels, params[0], type(self).__name__)
         if not self.uses_kernels(x):
             return self.eager_forward(x)
-        records = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if torch.compiler.is_compiling():
-            # One opaque custom op per block in inference; with autograd, the eager graph (traced).
-            return self.eager_forward(x) if records else ops.block_forward(x, self._op_id)
-        if records:
-            return _EvalFunction.apply(self, x, *self._tracked_params())
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return _EvalFunction.apply(self, x, *params)
         return self._run_plan(x)
+
+    def _traced_forward(self, x):
+        """forward under torch.compile: one opaque custom op per block in inference; with
+        autograd recording, the eager graph (traced by Dynamo)."""
+        check_input(x, self._in_channels, next(self.parameters()), type(self).__name__)
+        if not self.uses_kernels(x):
+            return self.eager_forward(x)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return self.eager_forward(x)
+        return ops.block_forward(x, self._op_id)
 
 
 class BasicConv2d(nn.Module):

@@ -85,3 +85,25 @@ def test_write_through_data_needs_invalidate(block, x):
     block.branch1.conv.weight.data.mul_(2)
     block.invalidate_plan()
     check(block, x)
+
+
+def test_assigned_parameter_and_buffer(block, x):
+    before = check(block, x)
+    block.branch1.conv.weight = torch.nn.Parameter(torch.randn_like(block.branch1.conv.weight))
+    after = check(block, x)
+    assert not torch.allclose(before, after)
+    block.branch2[0].bn.running_mean = torch.randn_like(block.branch2[0].bn.running_mean)
+    assert not torch.allclose(after, check(block, x))
+
+
+def test_load_after_half_updates_the_replaced_buffers(block, x):
+    """.half() replaces buffers in the module dicts (no registration hook fires); a following
+    load_state_dict writes into the new ones, and the plan must see it."""
+    block.half()
+    with torch.no_grad():
+        block(x.half())
+    block.load_state_dict(randomize_(FusedInception(*ARGS), 9).half().state_dict())
+    with torch.no_grad():
+        y = block(x.half())
+        expected = block.float().graph().eager(x)
+    assert_close_rel(y, expected, TOL[torch.float16])
