@@ -7,7 +7,11 @@ and `forward` checks the input, picks a backend and runs the cached plan. Backen
 - Triton: on CUDA tensors, and on CPU tensors when Triton's interpreter is on (TRITON_INTERPRET=1
   set before `fused_inception` is imported). Used in eval mode; one launch per stage.
 - eager: `eager_forward`. Used in train mode (batch statistics, running-stat updates, autograd
-  exactly as nn.BatchNorm2d), under autocast, for float64, and on CPU without the interpreter.
+  exactly as nn.BatchNorm2d), for float64, and on CPU without the interpreter.
+
+Under torch.autocast (fp16/bf16) the kernels compute in the autocast dtype, as eager autocast
+convolutions do: the input is cast, weights are laid out in that dtype (one cached plan per
+compute dtype), accumulation and the folded BN stay fp32, and the output has the autocast dtype.
 
 In eval mode with autograd recording (parameters or input requiring grad and grad enabled), the
 fused forward is wrapped in an autograd.Function whose backward recomputes `eager_forward`.
@@ -73,6 +77,8 @@ class _EvalFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block, x, *params):
         ctx.block = block
+        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
+                        torch.get_autocast_dtype(x.device.type))
         ctx.save_for_backward(x, *params)  # saved: autograd refuses a backward after in-place updates
         return block._run_plan(x)
 
@@ -82,7 +88,8 @@ class _EvalFunction(torch.autograd.Function):
         if ctx.block.training:
             raise RuntimeError(f"{type(ctx.block).__name__} was switched to train() between an eval forward and its "
                                "backward; the recomputed graph would use batch statistics")
-        with torch.enable_grad():
+        device_type, autocast, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
             xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
             y = ctx.block.eager_forward(xd)
         wanted = [t for t, need in zip([xd] + params, ctx.needs_input_grad[1:]) if need]
@@ -147,30 +154,39 @@ class FusedBlock(nn.Module):
                                                if t is not None))
 
     def invalidate_plan(self):
-        """Drop the cached plan (it is rebuilt on the next fused forward)."""
-        self._fused_plan = None
-        self._fused_plan_key = None
+        """Drop the cached plans (rebuilt on the next fused forward)."""
+        self._fused_plans = {}
 
     def train(self, mode=True):
         self.invalidate_plan()
         return super().train(mode)
 
-    def plan(self):
-        """The current plan for this block's parameters (built, or taken from the cache)."""
+    def plan(self, dtype=None):
+        """The current plan for this block's parameters, computing in `dtype` (default: the
+        parameters'), built or taken from the cache."""
         like = self._tracked_params()[0]
+        dtype = dtype or like.dtype
         key = self._plan_key(like)
-        if self._fused_plan_key != key:
-            self._fused_plan = build_plan(self.graph(), like.device, like.dtype)
-            self._fused_plan_key = key
-        return self._fused_plan
+        cached = self._fused_plans.get(dtype)
+        if cached is None or cached[0] != key:
+            cached = self._fused_plans[dtype] = (key, build_plan(self.graph(), like.device, dtype))
+        return cached[1]
+
+    def _compute_dtype(self, x):
+        """The autocast dtype when autocast is on for x's device (fp16/bf16), else x's dtype."""
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            if dtype in (torch.float16, torch.bfloat16):
+                return dtype
+        return x.dtype
 
     def _run_plan(self, x):
-        return self.plan().run(x, output_memory_format(x))
+        dtype = self._compute_dtype(x)
+        return self.plan(dtype).run(x.to(dtype), output_memory_format(x))
 
     def uses_kernels(self, x):
         """True if forward(x) would run the Triton stage kernel (not the eager fallback)."""
-        return (not self.training and x.dtype in _KERNEL_DTYPES and triton_available_for(x)
-                and not torch.is_autocast_enabled(x.device.type))
+        return not self.training and self._compute_dtype(x) in _KERNEL_DTYPES and triton_available_for(x)
 
     def forward(self, x):
         if torch.compiler.is_compiling():
@@ -187,7 +203,7 @@ class FusedBlock(nn.Module):
         """forward under torch.compile: one opaque custom op per block in inference; with
         autograd recording, the eager graph (traced by Dynamo)."""
         check_input(x, self._in_channels, next(self.parameters()), type(self).__name__)
-        if not self.uses_kernels(x):
+        if not self.uses_kernels(x) or torch.is_autocast_enabled(x.device.type):
             return self.eager_forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return self.eager_forward(x)
