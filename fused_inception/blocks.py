@@ -28,6 +28,15 @@ from fused_inception.plan import build_plan, check_graph
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+_PLAIN = (bool, int, float, str, tuple)
+# Attributes of torch.nn layers that the plan depends on (see FusedBlock._fingerprint).
+_WATCHED = {
+    nn.Conv2d: ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"),
+    nn.BatchNorm2d: ("eps", "affine", "track_running_stats"),
+    nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+}
+
 # Bumped whenever any module registers a submodule (assignment included), so that FusedBlocks
 # know when to walk their module tree again.
 _module_generation = [0]
@@ -108,12 +117,33 @@ class FusedBlock(nn.Module):
     _is_fused_block = True  # fx leaves, and fuse() skips these
 
     def _init_fused(self, recipe=None):
-        self._recipe = recipe if recipe is not None else recipe_of(self, "eager_forward", allow_single=True)
-        graph = self._recipe.graph(self)
-        check_graph(graph)  # an unfusable block fails here, not at its first forward
-        self._in_channels = graph.in_channels
         self._op_id = ops.register(self)
         self.invalidate_plan()
+        self._set_recipe(recipe if recipe is not None else self._trace_recipe())
+
+    def _trace_recipe(self):
+        return recipe_of(self, "eager_forward", allow_single=True)
+
+    def _set_recipe(self, recipe):
+        graph = recipe.graph(self)
+        check_graph(graph)  # an unfusable block fails here, not at its first forward
+        self._recipe = recipe
+        self._in_channels = graph.in_channels
+        self._recipe_fingerprint = self._fingerprint()
+
+    def _fingerprint(self):
+        """What the traced math depends on besides tensors: which modules (ids), the geometry
+        attributes of convs, BNs and pools, and the block's own plain attributes (e.g. a residual
+        scale given as a Python float). The recipe and plans are derived from them, so any
+        change means tracing again. Read on every fused forward: kept to a few microseconds."""
+        modules = self._submodules()
+        root = self._fingerprint_root()
+        return (tuple(map(id, modules)),
+                tuple(getattr(m, a) for m in modules for a in _WATCHED.get(type(m), ())),
+                tuple(v for k, v in root.__dict__.items() if type(v) in _PLAIN and k[0] != "_" and k != "training"))
+
+    def _fingerprint_root(self):
+        return self
 
     def __setstate__(self, state):  # copy.deepcopy and unpickling
         super().__setstate__(state)
@@ -123,9 +153,15 @@ class FusedBlock(nn.Module):
     def eager_forward(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _current_recipe(self):
+        if self._fingerprint() != self._recipe_fingerprint:
+            self.invalidate_plan()
+            self._set_recipe(self._trace_recipe())
+        return self._recipe
+
     def graph(self):
         """The block's `plan.BlockGraph` over its current submodules."""
-        return self._recipe.graph(self)
+        return self._current_recipe().graph(self)
 
     @property
     def launches(self):
@@ -149,9 +185,11 @@ class FusedBlock(nn.Module):
         # .to()/.half() replace tensors (ids, data_ptr, dtype, device), and so does assigning a
         # new parameter, buffer or submodule. Writes through `.data` bypass _version: call
         # `invalidate_plan()` after those.
-        return (like.device, like.dtype, tuple((id(t), t._version, t.data_ptr()) for m in self._submodules()
-                                               for d in (m._parameters, m._buffers) for t in d.values()
-                                               if t is not None))
+        # Tensors made under torch.inference_mode have no version counter (and can't be updated
+        # in place outside it): their id and data_ptr are the key.
+        return (like.device, like.dtype, tuple((id(t), -1 if t.is_inference() else t._version, t.data_ptr())
+                                               for m in self._submodules() for d in (m._parameters, m._buffers)
+                                               for t in d.values() if t is not None))
 
     def invalidate_plan(self):
         """Drop the cached plans (rebuilt on the next fused forward)."""
@@ -164,17 +202,19 @@ class FusedBlock(nn.Module):
     def plan(self, dtype=None):
         """The current plan for this block's parameters, computing in `dtype` (default: the
         parameters'), built or taken from the cache."""
+        recipe = self._current_recipe()
         like = self._tracked_params()[0]
         dtype = dtype or like.dtype
         key = self._plan_key(like)
         cached = self._fused_plans.get(dtype)
         if cached is None or cached[0] != key:
-            cached = self._fused_plans[dtype] = (key, build_plan(self.graph(), like.device, dtype))
+            cached = self._fused_plans[dtype] = (key, build_plan(recipe.graph(self), like.device, dtype))
         return cached[1]
 
     def _compute_dtype(self, x):
-        """The autocast dtype when autocast is on for x's device (fp16/bf16), else x's dtype."""
-        if torch.is_autocast_enabled(x.device.type):
+        """The autocast dtype when autocast is on for x's device (fp16/bf16) and would cast x
+        (autocast leaves float64 alone), else x's dtype."""
+        if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             if dtype in (torch.float16, torch.bfloat16):
                 return dtype
@@ -185,8 +225,13 @@ class FusedBlock(nn.Module):
         return self.plan(dtype).run(x.to(dtype), output_memory_format(x))
 
     def uses_kernels(self, x):
-        """True if forward(x) would run the Triton stage kernel (not the eager fallback)."""
-        return not self.training and self._compute_dtype(x) in _KERNEL_DTYPES and triton_available_for(x)
+        """True if forward(x) would run the Triton stage kernel (not the eager fallback).
+
+        Residual blocks under autocast take the eager path: there `scale * up + x` adds the
+        fp32 input to a low-precision result and returns fp32, which the kernel doesn't do."""
+        if self.training or not triton_available_for(x) or self._compute_dtype(x) not in _KERNEL_DTYPES:
+            return False
+        return not (self._recipe.head is not None and torch.is_autocast_enabled(x.device.type))
 
     def forward(self, x):
         if torch.compiler.is_compiling():
@@ -475,6 +520,12 @@ class FusedGraphBlock(FusedBlock):
 
     def eager_forward(self, x):
         return self._original.forward(x)
+
+    def _trace_recipe(self):
+        return recipe_of(self._original)
+
+    def _fingerprint_root(self):
+        return self._original  # its own attributes (e.g. a residual scale)
 
     def train(self, mode=True):
         self._original.training = mode

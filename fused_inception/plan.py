@@ -51,6 +51,9 @@ class PoolSpec:
             raise UnsupportedBlock(f"{kind} pool with dilation, return_indices or divisor_override")
         if kind == "avg" and ceil_mode and stride != (1, 1):
             raise UnsupportedBlock("average pool with ceil_mode and stride > 1")
+        if any(p > k // 2 for p, k in zip(_pair(padding), kernel)):
+            raise UnsupportedBlock(f"{kind} pool padding {padding} is more than half its kernel {kernel} "
+                                   "(PyTorch refuses it too)")
         return PoolSpec(kind, kernel, stride, _pair(padding), bool(ceil_mode), bool(count_include_pad))
 
     @staticmethod

@@ -159,7 +159,7 @@ def _pooled_tile(src, img, y0, x0, h, w, s_n, s_h, s_w, col_off, m_ok, k_ok, poo
     return tl.where(m_ok[:, None] & k_ok[None, :], res, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "tune_m", "tune_n", "tune_k"])
 def _conv_stage_kernel(
     # problem table: int32 [num_problems, NUM_FIELDS]
     table_ptr, num_problems,

@@ -38,3 +38,22 @@ def test_autocast_eval_backward(device):
     y2.float().sum().backward()
     assert x.grad.dtype == torch.float32
     assert_close_rel(x.grad, x2.grad, TOL[torch.bfloat16])
+
+
+def test_float64_and_residual_blocks_under_autocast_follow_eager(device):
+    """Autocast leaves float64 alone, and a residual block returns fp32 (x + scale * up promotes):
+    both take the eager path, so dtypes and values are eager's."""
+    from fused_inception import fuse
+    from fused_inception.models.inception_resnet_v2 import Block35
+
+    block = randomize_(FusedInception(*ARGS), 2).double().eval().to(device)
+    x = torch.randn(1, 32, 4, 4, dtype=torch.float64, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        assert not block.uses_kernels(x)
+        assert block(x).dtype == torch.float64
+    model, _ = fuse(torch.nn.Sequential(randomize_(Block35(lambda n: max(n // 16, 1)), 3).eval().to(device)))
+    x = torch.randn(1, 20, 4, 4, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        y, expected = model(x), model[0].eager_forward(x)
+    assert y.dtype == expected.dtype == torch.float32
+    assert torch.equal(y, expected)

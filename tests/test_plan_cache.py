@@ -107,3 +107,36 @@ def test_load_after_half_updates_the_replaced_buffers(block, x):
         y = block(x.half())
         expected = block.float().graph().eager(x)
     assert_close_rel(y, expected, TOL[torch.float16])
+
+
+def test_plain_attribute_changes_are_seen(block, x):
+    """The recipe is traced from Python attributes too: BN eps and a replaced pool are seen."""
+    before = check(block, x)
+    block.branch1.bn.eps = 0.5
+    after = check(block, x)
+    assert not torch.allclose(before, after)
+    block.branch4[0] = torch.nn.AvgPool2d(3, stride=1, padding=1)
+    assert block.graph().nodes[5].pool.kind == "avg"
+    assert not torch.allclose(after, check(block, x))
+
+
+def test_residual_scale_as_a_python_float_is_seen():
+    from fused_inception import fuse
+    from fused_inception.models.inception_resnet_v2 import Block35
+
+    model, _ = fuse(torch.nn.Sequential(randomize_(Block35(lambda n: max(n // 16, 1), scale=0.17), 3).eval()))
+    x = torch.randn(1, 20, 4, 4)
+    with torch.no_grad():
+        before = model(x)
+        model[0]._original.scale = 0.5
+        after = model(x)
+        expected = model[0].eager_forward(x)
+    assert not torch.allclose(before, after)
+    assert_close_rel(after, expected, TOL[torch.float32])
+
+
+def test_block_made_under_inference_mode():
+    with torch.inference_mode():
+        block = randomize_(FusedInception(*ARGS), 4).eval()
+        x = torch.randn(1, 24, 5, 5)
+        assert_close_rel(block(x), block.eager_forward(x), TOL[torch.float32])

@@ -181,3 +181,10 @@ def test_max_pool_propagates_nan(device):
     y, _, _ = run_fused(graph, x)
     assert_close_rel(y, reference(graph, x), TOL[torch.float32])
     assert y[0, 1].isnan().sum() == 4  # every window that covers (2, 2)
+
+
+def test_pool_padding_beyond_half_the_kernel_is_refused():
+    from fused_inception import UnsupportedBlock
+
+    with pytest.raises(UnsupportedBlock, match="more than half its kernel"):
+        PoolSpec.make("max", 3, 1, 2)
