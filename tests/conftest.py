@@ -73,17 +73,20 @@ def device():
 
 @pytest.fixture
 def interpreter_launches(monkeypatch):
-    """Independent launch count: Triton's interpreter calls InterpretedFunction.run once per launch."""
-    if not kconv.INTERPRETING:
-        pytest.skip("counts interpreter launches; the GPU run counts with fused_inception.count_launches")
-    from triton.runtime.interpreter import InterpretedFunction
+    """Launches counted independently of fused_inception's counter: Triton's interpreter calls
+    InterpretedFunction.run once per launch; on CUDA the autotuner's run is called once per launch
+    (its first call benchmarks the configs inside)."""
+    if kconv.INTERPRETING:
+        from triton.runtime.interpreter import InterpretedFunction as launcher
+    else:
+        from triton.runtime.autotuner import Autotuner as launcher
 
     calls = []
-    original = InterpretedFunction.run
+    original = launcher.run
 
     def run(self, *args, **kwargs):
         calls.append(self)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(InterpretedFunction, "run", run)
+    monkeypatch.setattr(launcher, "run", run)
     return calls
