@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from fused_inception import FusedBlock, count_launches
+from fused_inception import build_plans, count_launches
 from fused_inception.launches import count_torch_kernels
 
 ON_GPU = torch.cuda.is_available()
@@ -32,9 +32,7 @@ def prepare(reference, fused, impl, x):
         model = torch.compile(copy.deepcopy(reference), mode=impl[len("compile-"):])
     else:
         model = fused
-    for m in model.modules():
-        if isinstance(m, FusedBlock):
-            m.plan()
+    build_plans(model)  # plans built before counting, as by a first forward
     with torch.no_grad():
         for _ in range(3 if ON_GPU else 0):  # the interpreter needs no warm-up (and is slow)
             model(x)

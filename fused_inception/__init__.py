@@ -13,12 +13,13 @@ interpreter (slow; for tests). Without it, CPU tensors take the eager fallback.
 from fused_inception import models
 from fused_inception.blocks import (BasicConv2d, FusedBasicConv2d, FusedBlock, FusedGraphBlock, FusedInception,
                                     FusedInceptionA, FusedInceptionAux, FusedInceptionB, FusedInceptionC,
-                                    FusedInceptionD, FusedInceptionE, InceptionAux)
+                                    FusedInceptionD, FusedInceptionE, InceptionAux, build_plans)
 from fused_inception.fuse import FuseReport, fuse
 from fused_inception.launches import LaunchCount, count_launches
 from fused_inception.plan import UnsupportedBlock
 
 __all__ = ["BasicConv2d", "FuseReport", "FusedBasicConv2d", "FusedBlock", "FusedGraphBlock", "FusedInception",
            "FusedInceptionA", "FusedInceptionAux", "FusedInceptionB", "FusedInceptionC", "FusedInceptionD",
-           "FusedInceptionE", "InceptionAux", "LaunchCount", "UnsupportedBlock", "count_launches", "fuse", "models"]
+           "FusedInceptionE", "InceptionAux", "LaunchCount", "UnsupportedBlock", "build_plans", "count_launches", "fuse",
+           "models"]
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from conftest import TOL, assert_close_rel, randomize_
-from fused_inception import FusedBlock, count_launches
+from fused_inception import build_plans, count_launches
 from fused_inception.launches import count_torch_kernels
 from fused_inception.models import GoogLeNetOutputs, googlenet
 
@@ -40,9 +40,7 @@ def test_logits_match_torchvision_and_launch_count(models, device, interpreter_l
     with torch.no_grad():
         expected = ref.double()(x.double().cpu())
         ref.float()
-        for m in fused.modules():
-            if isinstance(m, FusedBlock):
-                m.plan()  # built before counting (weight layout, BN folding), as by a first forward
+        build_plans(fused)  # plans built before counting, as by a first forward
         with count_launches() as n, count_torch_kernels() as kernels:
             logits = fused(x)
     assert n.value == TRITON_LAUNCHES == len(interpreter_launches)
@@ -80,9 +78,7 @@ def test_transform_input_and_train_outputs(models):
     with torch.no_grad():
         ref_t.eval()
         fused_t.eval()
-        for m in fused_t.modules():
-            if isinstance(m, FusedBlock):
-                m.plan()  # built before counting
+        build_plans(fused_t)  # plans built before counting, as by a first forward
         with count_torch_kernels() as kernels:
             y = fused_t(x)
         assert kernels.value == TORCH_KERNELS + 2

@@ -6,8 +6,8 @@ import torchvision
 from torchvision.models import inception as tv
 
 from conftest import TOL, assert_close_rel, randomize_
-from fused_inception import (FusedBlock, FusedInceptionA, FusedInceptionB, FusedInceptionC, FusedInceptionD,
-                             FusedInceptionE, count_launches)
+from fused_inception import (FusedInceptionA, FusedInceptionB, FusedInceptionC, FusedInceptionD,
+                             FusedInceptionE, build_plans, count_launches)
 from fused_inception.launches import count_torch_kernels
 from fused_inception.models import InceptionOutputs, inception_v3
 
@@ -57,9 +57,7 @@ def test_whole_network_at_75x75(v3_models, device):
     ref.eval()
     fused = fused.eval().to(device)
     x = torch.randn(1, 3, 75, 75)
-    for m in fused.modules():
-        if isinstance(m, FusedBlock):
-            m.plan()  # built before counting, as after a first forward
+    build_plans(fused)  # plans built before counting, as by a first forward
     with torch.no_grad():
         expected = ref.double()(x.double())
         ref.float()
