@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 import torch.nn.functional as F
 
-from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, ResidualHead, UnsupportedBlock
+from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, ResidualHead, UnsupportedBlock, depths_of
 
 
 class NotABlock(Exception):
@@ -71,10 +71,7 @@ class Recipe:
 
     @property
     def launches(self):
-        depths = []
-        for r in self.nodes:
-            depths.append(1 if r.src is None else depths[r.src] + 1)
-        return max(depths) + (self.head is not None)
+        return max(depths_of(self.nodes)) + (self.head is not None)
 
 
 def _attribute(module, qualname):

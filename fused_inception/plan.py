@@ -155,10 +155,16 @@ class BlockGraph:
         return out
 
     def depths(self):
-        depths = []
-        for node in self.nodes:
-            depths.append(1 if node.src is None else depths[node.src] + 1)
-        return depths
+        return depths_of(self.nodes)
+
+
+def depths_of(nodes):
+    """Stage (1-based) of each node: one more than its source's, 1 for nodes reading the input.
+    Works on anything with a `src` index (ConvNode, pattern.NodeRecipe)."""
+    depths = []
+    for node in nodes:
+        depths.append(1 if node.src is None else depths[node.src] + 1)
+    return depths
 
 
 def _check_node(i, node, cin):
@@ -467,14 +473,3 @@ def _head_stage(graph, cat_channels, device, dtype):
     scale, shift = folded_scale_shift(ConvNode(conv, None), cout, device)
     s = float(graph.head.scale)  # a buffer is read here, when the plan is built, not per forward
     return _stage([row], [(kconv.BUF_OUT, cout, k)], [weight], [scale * s], [shift * s], [("head",)], device, dtype)
-
-
-def longest_chain(graph):
-    """Launches a plan of this graph takes: the number of stages."""
-    return max(graph.depths())
-
-
-def eager_kernels(graph):
-    """Kernels the unfused graph launches in eval: conv, BN, ReLU, pool each one, plus the cat."""
-    k = sum((n.conv is not None) + (n.bn is not None) + n.relu + (n.pool is not None) for n in graph.nodes)
-    return k + (len(graph.outputs) > 1)

@@ -369,19 +369,15 @@ def conv_stage(table, problems, weight, scale, shift, x, out, mid):
     # The interpreter emulates the launch with torch ops on the host; hide them from dispatch
     # modes (launch counters, tracers) as a GPU launch would be.
     with _disable_current_modes() if INTERPRETING else contextlib.nullcontext():
-        _launch(grid, meta, table, problems, weight, scale, shift, x, out, mid, batch, hw, dot_in_fp32, precision)
+        _stage_kernel[grid](
+            table, table.shape[0],
+            weight, scale, shift,
+            x, out, mid,
+            batch,
+            *_geometry(x), *_geometry(out), *_geometry(mid),
+            _bucket(batch * max(hw.values())), _bucket(sum(p[1] for p in problems)),
+            _bucket(max(p[2] for p in problems)),
+            DOT_IN_FP32=dot_in_fp32, INPUT_PRECISION=precision,
+            **meta,
+        )
     _launches += 1
-
-
-def _launch(grid, meta, table, problems, weight, scale, shift, x, out, mid, batch, hw, dot_in_fp32, precision):
-    _stage_kernel[grid](
-        table, table.shape[0],
-        weight, scale, shift,
-        x, out, mid,
-        batch,
-        *_geometry(x), *_geometry(out), *_geometry(mid),
-        _bucket(batch * max(hw.values())), _bucket(sum(p[1] for p in problems)),
-        _bucket(max(p[2] for p in problems)),
-        DOT_IN_FP32=dot_in_fp32, INPUT_PRECISION=precision,
-        **meta,
-    )
