@@ -187,8 +187,8 @@ def _check_node(i, node, cin):
                                   or tuple(conv.padding) != (0, 0)):
         raise UnsupportedBlock(f"node {i}: a fused pre-pool needs a 1x1/stride 1/padding 0 conv")
     if bn is not None:
-        if type(bn) is not nn.BatchNorm2d:
-            raise UnsupportedBlock(f"node {i}: {type(bn).__name__} is not a plain nn.BatchNorm2d")
+        if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+            raise UnsupportedBlock(f"node {i}: {type(bn).__name__} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm")
         if not bn.track_running_stats:
             raise UnsupportedBlock(f"node {i}: BatchNorm without running stats normalises with batch statistics")
         if bn.num_features != conv.out_channels:
@@ -229,10 +229,32 @@ class Stage:
 
 
 @dataclass
-class Plan:
-    """Everything `forward` needs besides the input: stages, buffer sizes, node geometry."""
+class Problem:
+    """One GEMM of a stage (or one pool alone): its member nodes in column order and the fields of
+    its table row that don't depend on how weights are laid out."""
 
-    stages: list
+    members: tuple  # node indices, or ("head",) for the residual head
+    convs: tuple  # the members' nn.Conv2d (empty for a pool alone)
+    bns: tuple  # the members' BatchNorm or None
+    couts: tuple  # the members' output channels
+    row: dict  # every problem_row field; w_off, ss_off and the weight strides are set by the plan
+    k: int  # GEMM depth kh*kw*cin (for a pool alone: its taps)
+    scale: float = 1.0  # the residual head's scale
+
+    @property
+    def ncols(self):
+        return self.row["ncols"]
+
+    @property
+    def gemm(self):
+        return bool(self.row["gemm"])
+
+
+@dataclass
+class Layout:
+    """A block's stages, channel slices and geometry: everything about the plan but tensors."""
+
+    stages: list  # per stage, a list of Problem
     out_channels: int
     mid_channels: int
     geometry: list  # per node: (src, pool spec or None, conv (kh, kw, sh, sw, ph, pw) or None)
@@ -267,16 +289,44 @@ class Plan:
             self._sizes[key] = (out_hw, mid_hw.pop())
         return self._sizes[key]
 
-    def run(self, x, memory_format):
-        """Run every stage on x (logical NCHW, any strides) and return the block output."""
+    def buffers(self, x, dtype, memory_format):
+        """Empty (out, mid) for input x: the block output in `memory_format`, the intermediate
+        results channels_last (`mid` is `out` when the block has none)."""
         n = x.shape[0]
         (oh, ow), (mh, mw) = self.sizes(x.shape[2], x.shape[3])
-        out = torch.empty((n, self.out_channels, oh, ow), dtype=x.dtype, device=x.device,
-                          memory_format=memory_format)
+        out = torch.empty((n, self.out_channels, oh, ow), dtype=dtype, device=x.device, memory_format=memory_format)
         mid = out
         if self.mid_channels:
-            mid = torch.empty((n, self.mid_channels, mh, mw), dtype=x.dtype, device=x.device,
+            mid = torch.empty((n, self.mid_channels, mh, mw), dtype=dtype, device=x.device,
                               memory_format=torch.channels_last)
+        return out, mid
+
+
+@dataclass
+class Plan:
+    """Everything an inference `forward` needs besides the input: the layout and the stages with
+    their weights in kernel layout and BatchNorm folded."""
+
+    layout: Layout
+    stages: list
+
+    @property
+    def out_channels(self):
+        return self.layout.out_channels
+
+    @property
+    def mid_channels(self):
+        return self.layout.mid_channels
+
+    def node_sizes(self, h, w):
+        return self.layout.node_sizes(h, w)
+
+    def sizes(self, h, w):
+        return self.layout.sizes(h, w)
+
+    def run(self, x, memory_format):
+        """Run every stage on x (logical NCHW, any strides) and return the block output."""
+        out, mid = self.layout.buffers(x, x.dtype, memory_format)
         for stage in self.stages:
             stage.run(x, out, mid)
         return out
@@ -321,7 +371,8 @@ def _merge_key(i, node):
     if node.conv is None:
         return ("pool only", i)
     c = node.conv
-    return (node.src, node.pool, tuple(c.kernel_size), tuple(c.stride), tuple(c.padding), node.relu)
+    return (node.src, node.pool, tuple(c.kernel_size), tuple(c.stride), tuple(c.padding), node.relu,
+            node.bn is not None)
 
 
 def _problems_of_group(group, out_c, couts):
@@ -366,8 +417,8 @@ def check_graph(graph):
             raise UnsupportedBlock("residual head: the scale is a tensor of more than one element")
 
 
-def build_plan(graph, device, dtype):
-    """Build the stages for `graph` with weights on `device` in `dtype` (fp32, fp16 or bf16).
+def build_layout(graph):
+    """Group `graph`'s nodes into stages of problems and give every node its channel slice.
 
     Raises UnsupportedBlock if some node can't go through the stage kernel.
     """
@@ -392,84 +443,93 @@ def build_plan(graph, device, dtype):
         for i, node in enumerate(nodes):
             if depths[i] == depth:
                 groups.setdefault(_merge_key(i, node), []).append(i)
-        rows, problems, weights, scales, shifts, members = [], [], [], [], [], []
-        w_off = ss_off = 0
+        problems = []
         for group in groups.values():
             for to_out, to_mid in _problems_of_group(group, out_c, couts):
                 for i in to_mid:
                     mid_c[i] = mid_channels
                     mid_channels += couts[i]
-                members_p = to_out + to_mid
-                first = nodes[members_p[0]]
-                src = first.src
-                if src is None:
+                members = tuple(to_out + to_mid)
+                first = nodes[members[0]]
+                if first.src is None:
                     src_buf, src_c, cin = kconv.BUF_X, 0, graph.in_channels
                 else:
+                    src = first.src
                     src_buf, src_c = ((cat_buf, out_c[src]) if src in out_c else (kconv.BUF_MID, mid_c[src]))
                     cin = couts[src]
-                ncols = sum(couts[i] for i in members_p)
+                ncols = sum(couts[i] for i in members)
                 dst0 = (cat_buf, out_c[to_out[0]]) if to_out else (kconv.BUF_MID, mid_c[to_mid[0]])
                 dst1 = (kconv.BUF_MID, mid_c[to_mid[0]]) if (to_out and to_mid) else dst0
                 split = sum(couts[i] for i in to_out) if to_out else ncols
-                pool = first.pool
                 row = dict(src=src_buf, src_c=src_c, cin=cin, gemm=int(first.conv is not None), ncols=ncols,
-                           w_off=w_off, ss_off=ss_off, split=split, dst0=dst0[0], dst0_c=dst0[1], dst1=dst1[0],
-                           dst1_c=dst1[1], relu=int(first.relu))
+                           split=split, dst0=dst0[0], dst0_c=dst0[1], dst1=dst1[0], dst1_c=dst1[1],
+                           relu=int(first.relu), bn=int(first.bn is not None))
+                pool = first.pool
                 if pool is not None:
                     row.update(pool=pool.code(), pkh=pool.kernel[0], pkw=pool.kernel[1], psh=pool.stride[0],
                                psw=pool.stride[1], pph=pool.padding[0], ppw=pool.padding[1])
                 k = pool.kernel[0] * pool.kernel[1] if pool is not None else 1
                 if first.conv is not None:
                     conv = first.conv
-                    kh, kw = conv.kernel_size
-                    row.update(kh=kh, kw=kw, sh=conv.stride[0], sw=conv.stride[1], ph=conv.padding[0],
-                               pw=conv.padding[1])
-                    k = kh * kw * cin
-                    # [Cout, Cin, KH, KW] -> [KH, KW, Cin, Cout] -> [K, Cout], concatenated along Cout.
-                    w = torch.cat([nodes[i].conv.weight.detach().permute(2, 3, 1, 0).reshape(k, couts[i])
-                                   for i in members_p], 1)
-                    weights.append(w.to(device=device, dtype=dtype).reshape(-1))
-                    w_off += w.numel()
-                rows.append(kconv.problem_row(**row))
-                problems.append((dst0[0], ncols, k))
-                for i in members_p:
-                    s, b = folded_scale_shift(nodes[i], couts[i], device)
-                    scales.append(s)
-                    shifts.append(b)
-                members.append(tuple(members_p))
-                ss_off += ncols
-        stages.append(_stage(rows, problems, weights, scales, shifts, members, device, dtype))
+                    row.update(kh=conv.kernel_size[0], kw=conv.kernel_size[1], sh=conv.stride[0], sw=conv.stride[1],
+                               ph=conv.padding[0], pw=conv.padding[1])
+                    k = conv.kernel_size[0] * conv.kernel_size[1] * cin
+                convs = tuple(nodes[i].conv for i in members) if first.conv is not None else ()
+                problems.append(Problem(members, convs, tuple(nodes[i].bn for i in members),
+                                        tuple(couts[i] for i in members), dict(kconv.ROW_DEFAULTS, **row), k))
+        stages.append(problems)
+    head = None
     if graph.head is not None:
-        stages.append(_head_stage(graph, cat_channels, device, dtype))
-    geometry = geometry_of(graph)
-    head = None if graph.head is None else (*graph.head.conv.kernel_size, *graph.head.conv.stride,
-                                            *graph.head.conv.padding)
-    return Plan(stages=stages, out_channels=cat_channels if head is None else graph.in_channels,
-                mid_channels=mid_channels, geometry=geometry, outputs=list(graph.outputs),
-                mid_nodes=sorted(mid_c) + (list(graph.outputs) if head else []), head=head)
+        conv = graph.head.conv
+        head = (*conv.kernel_size, *conv.stride, *conv.padding)
+        kh, kw = conv.kernel_size
+        row = dict(src=kconv.BUF_MID, src_c=0, cin=cat_channels, kh=kh, kw=kw, sh=conv.stride[0], sw=conv.stride[1],
+                   ph=conv.padding[0], pw=conv.padding[1], gemm=1, ncols=graph.in_channels, split=graph.in_channels,
+                   dst0=kconv.BUF_OUT, dst0_c=0, dst1=kconv.BUF_OUT, dst1_c=0, res=1, relu=int(graph.head.relu))
+        # A buffer scale is read here, when the layout is built, not per forward.
+        stages.append([Problem(("head",), (conv,), (None,), (graph.in_channels,), dict(kconv.ROW_DEFAULTS, **row),
+                               kh * kw * cat_channels,
+                               float(graph.head.scale))])
+    return Layout(stages=stages, out_channels=cat_channels if head is None else graph.in_channels,
+                  mid_channels=mid_channels, geometry=geometry_of(graph), outputs=list(graph.outputs),
+                  mid_nodes=sorted(mid_c) + (list(graph.outputs) if head else []), head=head)
 
 
-def _stage(rows, problems, weights, scales, shifts, members, device, dtype):
-    return Stage(
-        table=torch.tensor(rows, dtype=torch.int32, device=device),
-        problems=tuple(problems),
-        weight=torch.cat(weights) if weights else torch.zeros(1, dtype=dtype, device=device),
-        scale=torch.cat(scales).to(device=device, dtype=torch.float32),
-        shift=torch.cat(shifts).to(device=device, dtype=torch.float32),
-        nodes=tuple(members),
-    )
+def build_plan(graph, device, dtype):
+    """Build the inference stages for `graph` with weights on `device` in `dtype` (fp32, fp16 or
+    bf16): BatchNorm and conv bias folded into a per-column scale and shift, weights laid out
+    [K, ncols] with K ordered (tap, input channel) and merged along columns.
 
-
-def _head_stage(graph, cat_channels, device, dtype):
-    """The residual head: conv over the whole concatenation in `mid`, x added in the epilogue."""
-    conv, cout = graph.head.conv, graph.in_channels
-    kh, kw = conv.kernel_size
-    k = kh * kw * cat_channels
-    row = kconv.problem_row(src=kconv.BUF_MID, src_c=0, cin=cat_channels, kh=kh, kw=kw, sh=conv.stride[0],
-                            sw=conv.stride[1], ph=conv.padding[0], pw=conv.padding[1], ncols=cout, split=cout,
-                            dst0=kconv.BUF_OUT, dst0_c=0, dst1=kconv.BUF_OUT, dst1_c=0, res=1,
-                            relu=int(graph.head.relu))
-    weight = conv.weight.detach().permute(2, 3, 1, 0).reshape(-1).to(device=device, dtype=dtype)
-    scale, shift = folded_scale_shift(ConvNode(conv, None), cout, device)
-    s = float(graph.head.scale)  # a buffer is read here, when the plan is built, not per forward
-    return _stage([row], [(kconv.BUF_OUT, cout, k)], [weight], [scale * s], [shift * s], [("head",)], device, dtype)
+    Raises UnsupportedBlock if some node can't go through the stage kernel.
+    """
+    layout = build_layout(graph)
+    stages = []
+    for problems in layout.stages:
+        rows, weights, scales, shifts = [], [], [], []
+        w_off = ss_off = 0
+        for prob in problems:
+            row = dict(prob.row, w_off=w_off, ss_off=ss_off)
+            if prob.gemm:
+                cin, taps = prob.row["cin"], prob.row["kh"] * prob.row["kw"]
+                row.update(w_sn=1, w_sc=prob.ncols, w_st=cin * prob.ncols)
+                # [Cout, Cin, KH, KW] -> [KH, KW, Cin, Cout] -> [K, Cout], concatenated along Cout.
+                w = torch.cat([conv.weight.detach().permute(2, 3, 1, 0).reshape(taps * cin, cout)
+                               for conv, cout in zip(prob.convs, prob.couts)], 1)
+                weights.append(w.to(device=device, dtype=dtype).reshape(-1))
+                w_off += w.numel()
+            convs = prob.convs or (None,) * len(prob.members)
+            for conv, bn, cout in zip(convs, prob.bns, prob.couts):
+                s, b = folded_scale_shift(ConvNode(conv, bn), cout, device)
+                scales.append(s * prob.scale)
+                shifts.append(b * prob.scale)
+            rows.append(kconv.problem_row(**row))
+            ss_off += prob.ncols
+        stages.append(Stage(
+            table=torch.tensor(rows, dtype=torch.int32, device=device),
+            problems=tuple((p.row["dst0"], p.ncols, p.k) for p in problems),
+            weight=torch.cat(weights) if weights else torch.zeros(1, dtype=dtype, device=device),
+            scale=torch.cat(scales).to(device=device, dtype=torch.float32),
+            shift=torch.cat(shifts).to(device=device, dtype=torch.float32),
+            nodes=tuple(p.members for p in problems),
+        ))
+    return Plan(layout=layout, stages=stages)

@@ -133,7 +133,8 @@ def test_direct_launch_reads_and_writes_slices(device):
     shift = torch.randn(cout, device=device)
     out = torch.full((2, 30, 5, 5), float("nan"), device=device)
     row = kconv.problem_row(src=kconv.BUF_X, src_c=5, cin=cin, kh=3, kw=3, ph=1, pw=1, ncols=cout, split=cout,
-                            dst0=kconv.BUF_OUT, dst0_c=7, dst1=kconv.BUF_OUT, dst1_c=7)
+                            dst0=kconv.BUF_OUT, dst0_c=7, dst1=kconv.BUF_OUT, dst1_c=7,
+                            w_sn=1, w_sc=cout, w_st=cin * cout)  # weights [K, cout], K = (tap, channel)
     table = torch.tensor([row], dtype=torch.int32, device=device)
     weight = w.permute(2, 3, 1, 0).reshape(-1).contiguous()
     kconv.conv_stage(table, ((kconv.BUF_OUT, cout, 9 * cin),), weight, scale, shift, x, out, out)
