@@ -49,7 +49,7 @@ CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=2, num_stages=4),
 ]
 # Under TRITON_INTERPRET=1 the cost is per program and per tl op, so fewer, larger tiles.
-INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}
 
 # True when the kernels in this module were decorated for Triton's CPU interpreter.
 INTERPRETING = bool(triton.knobs.runtime.interpret)
@@ -138,19 +138,28 @@ def _pick(sel, a, b, c):
 
 
 @triton.jit
+def _load_center(center_ptr, col, mask, ACC: tl.constexpr):
+    """The training statistics' centre of each column (the running mean), 0 where it is not
+    finite: a running mean that a bad batch made NaN or Inf (eager's becomes so too) must not
+    spoil the next batches' statistics, which eager computes without it."""
+    c = tl.load(center_ptr + col, mask=mask, other=0.0).to(ACC)
+    return tl.where((c == c) & (tl.abs(c) != float("inf")), c, 0.0)
+
+
+@triton.jit
 def _row_offset(img, y, x, s_n, s_h, s_w):
     """Element offset of pixel (img, y, x) in int64: a batch of large maps passes 2**31 elements."""
     return img.to(tl.int64) * s_n + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
 
 
 @triton.jit
-def _pooled_tile(src, img, y0, x0, h, w, s_n, s_h, s_w, col_off, m_ok, k_ok, pool, pkh, pkw):
-    """[rows, cols] fp32 tile of the pool whose windows start at (y0, x0): rows are output pixels,
-    cols the channels at offsets col_off. Taps outside the image never count (max) or count as
-    zeros (average including padding)."""
-    mx = tl.full((img.shape[0], col_off.shape[0]), float("-inf"), tl.float32)
-    total = tl.zeros((img.shape[0], col_off.shape[0]), tl.float32)
-    taps = tl.zeros((img.shape[0],), tl.float32)
+def _pooled_tile(src, img, y0, x0, h, w, s_n, s_h, s_w, col_off, m_ok, k_ok, pool, pkh, pkw, ACC: tl.constexpr):
+    """[rows, cols] tile (dtype ACC) of the pool whose windows start at (y0, x0): rows are output
+    pixels, cols the channels at offsets col_off. Taps outside the image never count (max) or
+    count as zeros (average including padding)."""
+    mx = tl.full((img.shape[0], col_off.shape[0]), float("-inf"), ACC)
+    total = tl.zeros((img.shape[0], col_off.shape[0]), ACC)
+    taps = tl.zeros((img.shape[0],), ACC)
     for dy in range(pkh):
         for dx in range(pkw):
             y = y0 + dy
@@ -158,13 +167,13 @@ def _pooled_tile(src, img, y0, x0, h, w, s_n, s_h, s_w, col_off, m_ok, k_ok, poo
             ok = m_ok & (y >= 0) & (y < h) & (x >= 0) & (x < w)
             row = _row_offset(img, y, x, s_n, s_h, s_w)
             mask = ok[:, None] & k_ok[None, :]
-            v = tl.load(src + row[:, None] + col_off[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(src + row[:, None] + col_off[None, :], mask=mask, other=0.0).to(ACC)
             # max_pool2d propagates NaN.
             mx = tl.where(mask, tl.maximum(mx, v, propagate_nan=tl.PropagateNan.ALL), mx)
             total += v
-            taps += ok.to(tl.float32)
+            taps += ok.to(ACC)
     taps = tl.maximum(taps, 1.0)  # rows outside the problem: any nonzero divisor
-    avg = total / tl.where(pool == 2, (pkh * pkw).to(tl.float32), taps)[:, None]
+    avg = total / tl.where(pool == 2, (pkh * pkw).to(ACC), taps)[:, None]
     res = tl.where(pool == 1, mx, avg)
     return tl.where(m_ok[:, None] & k_ok[None, :], res, 0.0)
 
@@ -223,9 +232,10 @@ def _conv_stage_kernel(
     w_ptr, scale_ptr, shift_ptr,
     # the three buffers, logical NCHW addressed through strides (n, h, w, c order below)
     x_ptr, out_ptr, mid_ptr,
-    # TRAIN only: shadows of `out` and `mid` (same strides) receiving the pre-activations, and
-    # fp32 [columns, 3] accumulators of (sum, sum of squares, count) per column
-    raw_out_ptr, raw_mid_ptr, stats_ptr, stats_cols,
+    # TRAIN only: shadows of `out` and `mid` (same strides) receiving the pre-activations, fp32
+    # [columns, 3] accumulators of (sum, sum of squares, count) of the pre-activations minus a
+    # per-column centre (the running mean: it keeps the sum of squares free of cancellation)
+    raw_out_ptr, raw_mid_ptr, stats_ptr, center_ptr, stats_cols,
     batch,
     x_h, x_w, x_sn, x_sh, x_sw, x_sc,
     o_h, o_w, o_sn, o_sh, o_sw, o_sc,
@@ -310,7 +320,7 @@ def _conv_stage_kernel(
     if gemm == 0:
         # Pool-only problem: the result's columns are the pooled source channels.
         acc = _pooled_tile(src, img, py0, px0, ih, iw, s_n, s_h, s_w, (src_c + offs_n).to(tl.int64) * s_c,
-                           m_ok, n_ok, pool, pkh, pkw).to(ACC)
+                           m_ok, n_ok, pool, pkh, pkw, ACC)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         w_tile = offs_k[:, None] * w_sc + offs_n[None, :] * w_sn  # weight offsets of the first K chunk
@@ -331,7 +341,7 @@ def _conv_stage_kernel(
                                 mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
                 else:
                     a = _pooled_tile(src, img, py0, px0, ih, iw, s_n, s_h, s_w, a_col, m_ok, k_ok,
-                                     pool, pkh, pkw).to(src.dtype.element_ty)
+                                     pool, pkh, pkw, ACC).to(src.dtype.element_ty)
                 b = tl.load(w_tap + c0 * w_sc + w_tile, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 if b.dtype != a.dtype:  # training keeps fp32 weights under autocast: round as eager does
                     b = b.to(a.dtype)
@@ -356,7 +366,8 @@ def _conv_stage_kernel(
     if TRAIN:
         pre = out.to(x_ptr.dtype.element_ty)  # the pre-activation as stored (and as eager rounds it)
         if bn != 0:  # batch statistics of the stored values, summed over this tile's pixels
-            v = tl.where(m_ok[:, None] & n_ok[None, :], pre.to(ACC), 0.0)
+            center = _load_center(center_ptr, ss_off + offs_n, n_ok, ACC)
+            v = tl.where(m_ok[:, None] & n_ok[None, :], pre.to(ACC) - center[None, :], 0.0)
             stat = stats_ptr + (ss_off + offs_n) * 3
             tl.atomic_add(stat, tl.sum(v, 0), mask=n_ok)
             tl.atomic_add(stat + 1, tl.sum(v * v, 0), mask=n_ok)
@@ -439,11 +450,12 @@ _placeholders = {}
 def _placeholder(device):
     """A one-element tensor passed for unused pointer arguments (never read or written)."""
     if device not in _placeholders:
-        _placeholders[device] = torch.zeros(1, device=device)
+        _placeholders[device] = torch.empty(1, device=device)
     return _placeholders[device]
 
 
-def conv_stage(table, problems, weight, scale, shift, x, out, mid, raw_out=None, raw_mid=None, stats=None):
+def conv_stage(table, problems, weight, scale, shift, x, out, mid, raw_out=None, raw_mid=None, stats=None,
+               center=None):
     """Run one stage: every convolution in `table` in a single launch.
 
     Args:
@@ -456,11 +468,12 @@ def conv_stage(table, problems, weight, scale, shift, x, out, mid, raw_out=None,
         x, out, mid: 4-D logical NCHW tensors of one floating dtype (fp32, fp16 or bf16; float64
             is accepted for tests) with any strides (NHWC, i.e. channels_last, coalesces); `mid`
             may be `out` when unused. `out`/`mid` slices named by the table are overwritten.
-        raw_out, raw_mid, stats: training only (all three or none): tensors shaped like `out` and
-            `mid` (same strides) that receive the pre-activations of the convolutions, and a
+        raw_out, raw_mid, stats, center: training only (all or none): tensors shaped like `out`
+            and `mid` (same strides) that receive the pre-activations of the convolutions; a
             zero-initialised [columns, 3] tensor of the accumulator dtype that receives, per
-            column of the problems whose row has `bn`, the sum, the sum of squares and the
-            count of the pre-activations over the batch. Those problems' results are not
+            column of the problems whose row has `bn`, the sum and the sum of squares of
+            (pre-activation - center[column]) and the count over the batch; and the 1-D
+            centres (any float dtype; the running means). Those problems' results are not
             written to `out`/`mid` (kernels.batchnorm.bn_apply does it).
     """
     batch = x.shape[0]
@@ -470,7 +483,7 @@ def conv_stage(table, problems, weight, scale, shift, x, out, mid, raw_out=None,
         return
     train = stats is not None
     if not train:
-        raw_out, raw_mid, stats = out, mid, _placeholder(x.device)
+        raw_out, raw_mid, stats, center = out, mid, _placeholder(x.device), _placeholder(x.device)
 
     def grid(meta):
         return (sum(triton.cdiv(batch * hw[dst], meta["BLOCK_M"]) * triton.cdiv(ncols, meta["BLOCK_N"])
@@ -484,7 +497,7 @@ def conv_stage(table, problems, weight, scale, shift, x, out, mid, raw_out=None,
             table, table.shape[0],
             weight, scale, shift,
             x, out, mid,
-            raw_out, raw_mid, stats, stats.shape[0],
+            raw_out, raw_mid, stats, center, stats.shape[0],
             batch,
             *geometry(x), *geometry(out), *geometry(mid),
             _bucket(batch * max(hw.values())), _bucket(sum(p[1] for p in problems)),
