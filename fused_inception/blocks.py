@@ -20,8 +20,9 @@ fused forward is wrapped in an autograd.Function whose backward recomputes `eage
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from fused_inception import ops
+from fused_inception import ops, training
 from fused_inception.kernels import conv as kconv
 from fused_inception.pattern import recipe_of
 from fused_inception.plan import build_plan, check_graph
@@ -33,6 +34,7 @@ _PLAIN = (bool, int, float, str, tuple)
 _WATCHED = {
     nn.Conv2d: ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"),
     nn.BatchNorm2d: ("eps", "affine", "track_running_stats"),
+    nn.SyncBatchNorm: ("eps", "affine", "track_running_stats", "process_group"),
     nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
     nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
 }
@@ -130,6 +132,14 @@ class FusedBlock(nn.Module):
         self._recipe = recipe
         self._in_channels = graph.in_channels
         self._recipe_fingerprint = self._fingerprint()
+        # What a training forward gathers, as plain references (torch.compile traces this):
+        # the parameters in the training plan's packing order, and each BatchNorm with its columns.
+        # (Also reached from fake implementations while torch.compile traces: real meta tensors.)
+        with unset_fake_temporarily():
+            structure = training.build_train_plan(graph, torch.device("meta"), torch.float32, torch.float32)
+        self._train_structure = structure
+        self._train_refs = tuple(ref for ref in structure.refs(graph) if ref is not None and getattr(*ref) is not None)
+        self._train_bns = tuple((graph.nodes[i].bn, lo, hi) for i, lo, hi in structure.bn_columns)
 
     def _fingerprint(self):
         """What the traced math depends on besides tensors: which modules (ids), the geometry
@@ -194,6 +204,7 @@ class FusedBlock(nn.Module):
     def invalidate_plan(self):
         """Drop the cached plans (rebuilt on the next fused forward)."""
         self._fused_plans = {}
+        self._train_plans = {}
 
     def train(self, mode=True):
         self.invalidate_plan()
@@ -225,29 +236,85 @@ class FusedBlock(nn.Module):
         return self.plan(dtype).run(x.to(dtype), output_memory_format(x))
 
     def uses_kernels(self, x):
-        """True if forward(x) would run the Triton stage kernel (not the eager fallback).
+        """True if forward(x) would run the Triton kernels (not the eager fallback).
 
-        Residual blocks under autocast take the eager path: there `scale * up + x` adds the
-        fp32 input to a low-precision result and returns fp32, which the kernel doesn't do."""
-        if self.training or not triton_available_for(x) or self._compute_dtype(x) not in _KERNEL_DTYPES:
+        Eager instead: residual blocks under autocast (there `scale * up + x` adds the fp32
+        input to a low-precision result and returns fp32, which the kernel doesn't do); a
+        BatchNorm whose train/eval mode differs from the block's (e.g. frozen BN while
+        fine-tuning); and in training, `torch.use_deterministic_algorithms(True)` (the batch
+        statistics are summed with atomics), a residual scale that requires grad, or parameters
+        of different dtypes."""
+        if not triton_available_for(x) or self._compute_dtype(x) not in _KERNEL_DTYPES:
             return False
-        return not (self._recipe.head is not None and torch.is_autocast_enabled(x.device.type))
+        if self._recipe.head is not None and torch.is_autocast_enabled(x.device.type):
+            return False
+        if any(bn.training != self.training for bn, _, _ in self._train_bns):
+            return False
+        if self.training:
+            if torch.are_deterministic_algorithms_enabled():
+                return False
+            scale = self._train_structure.layout.head and self.graph().head.scale
+            if isinstance(scale, torch.Tensor) and scale.requires_grad:
+                return False
+            return len({getattr(*ref).dtype for ref in self._train_refs}) == 1
+        return True
 
     def forward(self, x):
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
         params = self._tracked_params()
         check_input(x, self._in_channels, params[0], type(self).__name__)
+        self._current_recipe()  # trace again if submodules or their attributes changed
         if not self.uses_kernels(x):
             return self.eager_forward(x)
+        if self.training:
+            return self._train_forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return _EvalFunction.apply(self, x, *params)
         return self._run_plan(x)
 
+    def train_plan(self, dtype, device):
+        """The training plan for inputs of `dtype` on `device` (built or taken from the cache)."""
+        param_dtype = getattr(*self._train_refs[0]).dtype
+        scale = self._recipe.head is not None and self.graph().head.scale
+        # A residual scale held in a buffer is read when the plan is built.
+        scale_key = (id(scale), scale._version) if isinstance(scale, torch.Tensor) else scale
+        key = (device, dtype, param_dtype, scale_key)
+        plan = self._train_plans.get(key)
+        if plan is None:
+            plan = self._train_plans[key] = training.build_train_plan(self.graph(), device, dtype, param_dtype)
+        return plan
+
+    def _train_params(self):
+        return [getattr(module, name) for module, name in self._train_refs]
+
+    def _train_forward(self, x):
+        """The fused training forward (batch statistics, running-stat updates, autograd), for
+        any floating dtype the kernels take (float64 too: the tests' gradcheck uses it)."""
+        dtype = self._compute_dtype(x)
+        params = self._train_params()
+        if any(p is None for p in params):  # a parameter was removed (e.g. conv.bias = None)
+            self.invalidate_plan()
+            self._set_recipe(self._trace_recipe())
+            params = self._train_params()
+        plan = self.train_plan(dtype, x.device)
+        group = training.sync_group([bn for bn, _, _ in self._train_bns])
+        centers = [bn.running_mean for bn, _, _ in self._train_bns]
+        out, saved = training.TrainFunction.apply(plan, group, output_memory_format(x), centers, x.to(dtype), *params)
+        training.update_running_stats(self._train_bns, saved)
+        return out
+
     def _traced_forward(self, x):
-        """forward under torch.compile: one opaque custom op per block in inference; with
-        autograd recording, the eager graph (traced by Dynamo)."""
+        """forward under torch.compile: one opaque custom op per block (inference: the fused
+        forward; training: the fused forward and backward, registered with torch.library)."""
         check_input(x, self._in_channels, next(self.parameters()), type(self).__name__)
+        if self.training:
+            if not self.uses_kernels(x):
+                return self.eager_forward(x)
+            out, _, _, saved = ops.block_train_forward(x.to(self._compute_dtype(x)), self._train_params(),
+                                                       [bn.running_mean for bn, _, _ in self._train_bns], self._op_id)
+            training.update_running_stats(self._train_bns, saved)
+            return out
         if not self.uses_kernels(x) or torch.is_autocast_enabled(x.device.type):
             return self.eager_forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
@@ -256,8 +323,9 @@ class FusedBlock(nn.Module):
 
 
 def build_plans(model, dtype=None):
-    """Build the plan of every fused block in `model` now (as its first fused forward would):
-    before timing, counting launches, or capturing a CUDA graph. Returns the number of blocks.
+    """Build the plan of every fused block in `model` now (as its first fused forward would;
+    for a block in train() also its training plan): before timing, counting launches, or
+    capturing a CUDA graph. Returns the number of blocks.
 
     Example:
         >>> fused_inception.build_plans(model)   # then torch.cuda.graph(...) capture
@@ -265,6 +333,9 @@ def build_plans(model, dtype=None):
     blocks = [m for m in model.modules() if isinstance(m, FusedBlock)]
     for block in blocks:
         block.plan(dtype)
+        if block.training:  # and the training plan, for the dtype the kernels would compute in
+            like = block._tracked_params()[0]
+            block.train_plan(dtype or like.dtype, like.device)
     return len(blocks)
 
 

@@ -1,17 +1,26 @@
-"""The fused block forward as a PyTorch custom op, so torch.compile sees one opaque node per block.
+"""The fused block as PyTorch custom ops, so torch.compile sees one opaque node per block.
 
-`torch.compile(model, fullgraph=True)` traces a fused model in inference (no autograd recording)
-without graph breaks: each FusedBlock becomes a call to `fused_inception::block_forward(x, block)`,
-whose fake (meta) implementation gives the output's shape and memory format. At run time the op
-looks the block up by id and runs its current plan, so weight updates after compilation are seen
-(the plan's version check runs inside the op). When autograd records (training, or eval with
-gradients), a compiled block traces its eager graph instead: correct gradients, not fused.
-Under CUDA graphs (`mode="reduce-overhead"`) launches are replayed as captured: capture again
-after changing weights, as with any captured graph.
+`torch.compile(model, fullgraph=True)` traces a fused model without graph breaks:
+
+- inference (no autograd recording): each FusedBlock is `fused_inception::block_forward(x,
+  block)`, whose fake (meta) implementation gives the output's shape and memory format;
+- training: `fused_inception::block_train_forward` and `fused_inception::block_train_backward`,
+  joined by `register_autograd`. Both are functional: the running statistics are updated by
+  traced torch ops (`_foreach_lerp_`) from the forward's `saved` output.
+
+At run time an op looks the block up by id and runs its current plan, so weight updates after
+compilation are seen. Eval mode with autograd recording under compile traces the block's eager
+graph (correct gradients, not fused). Under CUDA graphs (`mode="reduce-overhead"`) launches are
+replayed as captured: capture again after changing weights, as with any captured graph.
+
+In eager mode (no compile) the blocks call the same forward and backward through a
+torch.autograd.Function instead: a custom op call costs about 100 us more host time
+(measured on this project's CPU machine: 125 vs 23 us).
 """
 
 import itertools
 import weakref
+from typing import List, Tuple
 
 import torch
 
@@ -47,3 +56,105 @@ def _(x, block):
 
     shape = output_shape(_block(block).graph(), x.shape[0], x.shape[2], x.shape[3])
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+# Training: the fused forward and backward as two custom ops, joined by register_autograd. They are
+# functional (the running statistics are updated by the caller from the `saved` output), so
+# torch.compile(fullgraph=True) traces a training step of a fused model without graph breaks.
+
+
+def _train_layout(block):
+    """The block's training plan structure (meta tensors), for fake implementations."""
+    return _block(block)._train_structure
+
+
+@torch.library.custom_op("fused_inception::block_train_forward", mutates_args=())
+def block_train_forward(x: torch.Tensor, params: List[torch.Tensor], centers: List[torch.Tensor],
+                        block: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward of the FusedBlock registered as `block`, computing in x's dtype:
+    (out, raw_out, raw_mid, saved), see fused_inception.training.forward. `params` are the
+    block's parameters in its packing order (FusedBlock._train_params), `centers` its
+    BatchNorms' running means."""
+    from fused_inception import training
+    from fused_inception.blocks import output_memory_format
+
+    b = _block(block)
+    plan = b.train_plan(x.dtype, x.device)
+    group = training.sync_group([bn for bn, _, _ in b._train_bns])
+    out, raw_out, raw_mid, saved = training.forward(plan, x, params, centers, group, output_memory_format(x))
+    if raw_mid is raw_out:  # outputs may not alias: no intermediate results, an empty tensor
+        raw_mid = raw_out.new_empty(0)
+    return out, raw_out, raw_mid, saved
+
+
+@block_train_forward.register_fake
+def _(x, params, centers, block):
+    from fused_inception.blocks import output_memory_format
+    from fused_inception.training import accumulator_dtype
+
+    structure = _train_layout(block)
+    out, mid = structure.layout.buffers(x, x.dtype, output_memory_format(x))
+    raw_mid = torch.empty_like(mid) if mid is not out else x.new_empty(0)
+    saved = x.new_empty((4, structure.columns), dtype=accumulator_dtype(x.dtype))
+    return out, torch.empty_like(out), raw_mid, saved
+
+
+@torch.library.custom_op("fused_inception::block_train_backward", mutates_args=())
+def block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, raw_out: torch.Tensor, raw_mid: torch.Tensor,
+                         saved: torch.Tensor, out: torch.Tensor, params: List[torch.Tensor], block: int,
+                         need_x: bool) -> List[torch.Tensor]:
+    """Backward of block_train_forward: [dx (empty unless need_x), then per convolution problem
+    its weight and bias gradients, then the BN sums [2, columns]]."""
+    from fused_inception import training
+
+    b = _block(block)
+    plan = b.train_plan(x.dtype, x.device)
+    group = training.sync_group([bn for bn, _, _ in b._train_bns])
+    if raw_mid.numel() == 0 and plan.layout.mid_channels == 0:
+        raw_mid = raw_out
+    dx, weight_grads, bias_grads, sums = training.backward(plan, x, raw_out, raw_mid, saved, out, params,
+                                                           grad_out, group, need_x)
+    if need_x and dx.stride() != x.stride():  # the layout the fake implementation states
+        dx = torch.empty_like(x).copy_(dx)
+    flat = [dx if need_x else x.new_empty(0)]
+    for w, g in zip(weight_grads, bias_grads):
+        if w is not None:
+            flat += [w, g]
+    return flat + [sums]
+
+
+@block_train_backward.register_fake
+def _(grad_out, x, raw_out, raw_mid, saved, out, params, block, need_x):
+    from fused_inception.training import accumulator_dtype
+
+    structure = _train_layout(block)
+    flat = [torch.empty_like(x) if need_x else x.new_empty(0)]
+    for p in structure.problems:
+        if p.gemm:
+            flat += [x.new_empty((p.ncols, p.row["cin"], p.row["kh"], p.row["kw"])), x.new_empty((p.ncols,))]
+    return flat + [x.new_empty((2, structure.columns), dtype=accumulator_dtype(x.dtype))]
+
+
+def _train_setup_context(ctx, inputs, output):
+    x, params, centers, block = inputs
+    ctx.block, ctx.n_centers = block, len(centers)
+    ctx.save_for_backward(x, *output, *params)
+
+
+def _train_backward(ctx, grad_out, *unused):
+    x, out, raw_out, raw_mid, saved, *params = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    need_x = ctx.needs_input_grad[0]
+    flat = block_train_backward(grad_out, x, raw_out, raw_mid, saved, out, params, ctx.block, need_x)
+    structure = _train_layout(ctx.block)
+    weight_grads, bias_grads, it = [], [], iter(flat[1:-1])
+    for p in structure.problems:
+        w, b = (next(it), next(it)) if p.gemm else (None, None)
+        weight_grads.append(w)
+        bias_grads.append(b)
+    grads = structure.param_grads(params, weight_grads, bias_grads, flat[-1])
+    return (flat[0] if need_x else None), grads, [None] * ctx.n_centers, None
+
+
+block_train_forward.register_autograd(_train_backward, setup_context=_train_setup_context)

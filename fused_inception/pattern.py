@@ -1,8 +1,8 @@
 """Recognise an Inception block by its dataflow (torch.fx), whatever its class or coding style.
 
 The pattern: one input; branches that start from it, optionally through a max/avg pool, as
-chains of `Conv2d -> BatchNorm2d? -> ReLU?` (ReLU as a module, `F.relu`, `torch.relu`, the
-`.relu()` method, in place or not; any wrapper modules and `nn.Sequential` are traced through),
+chains of `Conv2d -> BatchNorm2d/SyncBatchNorm? -> ReLU?` (ReLU as a module, `F.relu`,
+`torch.relu`, the `.relu()` method, in place or not; any wrapper modules and `nn.Sequential` are traced through),
 or a pool alone; a branch may read another branch's result (trees, as Inception v3's split
 1x3/3x1 branches); and one `torch.cat(..., dim=1)` (possibly nested) as the block's result, or, for Inception-ResNet,
 `relu?(x + scale * conv(cat))` in any arrangement of the add and multiply (scale a number or a
@@ -139,7 +139,7 @@ class _Parser:
             if self.relu_inplace(cur) and len(cur.args[0].users) > 1:
                 raise UnsupportedBlock("an in-place ReLU changes a value that is also used elsewhere")
             relu, cur = True, self._absorb(cur)
-        if type(self.submodule(cur)) is nn.BatchNorm2d:
+        if type(self.submodule(cur)) in (nn.BatchNorm2d, nn.SyncBatchNorm):
             bn, cur = cur.target, self._absorb(cur)
         conv = pool = None
         if isinstance(self.submodule(cur), nn.Conv2d):

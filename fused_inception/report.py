@@ -39,9 +39,10 @@ def informative_init_(model, seed=0):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
                 if m.bias is not None:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+            elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model

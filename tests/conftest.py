@@ -66,6 +66,12 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("property_case", range(metafunc.config.getoption("property_cases")))
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws its random inputs from the same seed, whatever ran before it."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def device():
     return torch.device(DEVICE)

@@ -1,12 +1,15 @@
-"""torch.compile: a fused block is one custom op (fused_inception::block_forward), no graph breaks."""
+"""torch.compile: a fused block is one custom op (inference: fused_inception::block_forward;
+training: block_train_forward / block_train_backward with registered autograd), no graph breaks."""
 
 import copy
 
+import pytest
 import torch
 import torch._dynamo
+from torch import nn
 
 from conftest import TOL, assert_close_rel, randomize_
-from fused_inception import FusedInception, FusedInceptionE, count_launches
+from fused_inception import FusedBasicConv2d, FusedInception, FusedInceptionE, count_launches
 
 ARGS = (32, 8, 8, 16, 4, 8, 8)
 
@@ -55,3 +58,41 @@ def test_gradients_under_compile_use_the_eager_graph():
     x2 = x.detach().clone().requires_grad_()
     block.eager_forward(x2).square().sum().backward()
     assert_close_rel(x.grad, x2.grad, TOL[torch.float32])
+
+
+def train_steps(model, x, steps=2, run=None):
+    """Outputs, gradients (of the last step) and buffers of `steps` forward/backward passes of
+    `run` (default: model) on x, read from `model`."""
+    outputs = []
+    for _ in range(steps):
+        model.zero_grad()
+        y = (run or model)(x)
+        y.square().mean().backward()
+        outputs.append(y.detach())
+    return (outputs, {n: p.grad.clone() for n, p in model.named_parameters()},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_training_fullgraph_no_graph_breaks(backend):
+    """A training step of a fused model under torch.compile(fullgraph=True): the fused forward and
+    backward ops (6 launches forward: a conv unit and a GoogLeNet block), equal to the eager
+    fused model, running statistics included."""
+    model = randomize_(nn.Sequential(FusedBasicConv2d(3, 16, kernel_size=3, padding=1), FusedInception(16, *ARGS[1:])),
+                       5).train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch._dynamo.explain(copy.deepcopy(model))(x).graph_break_count == 0
+    compiled = torch.compile(twin, fullgraph=True, backend=backend)
+    expected_out, expected_grads, expected_buffers = train_steps(model, x)
+    outputs, grads, buffers = train_steps(twin, x, run=compiled)
+    with count_launches() as n:
+        compiled(x)
+    assert n.value == 2 + 4
+    tol = TOL[torch.float32]  # Inductor computes the loss's gradient with its own rounding
+    for y, expected in zip(outputs, expected_out):
+        assert_close_rel(y, expected, tol, "output")
+    for name, g in expected_grads.items():
+        assert_close_rel(grads[name], g, tol, name)
+    for name, b in expected_buffers.items():
+        assert_close_rel(buffers[name], b, tol, name)
