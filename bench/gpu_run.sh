@@ -9,7 +9,8 @@ mkdir -p "$out"
 nvidia-smi > "$out/nvidia-smi.txt"
 python -c "import torch, triton, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'triton', triton.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())" > "$out/versions.txt"
-# The test suite on CUDA (fp32 with TF32 off, fp16/bf16 where the tests have them).
+# The test suite on CUDA (fp32 with TF32 off, fp16/bf16 where the tests have them; training, the
+# CUDA-graph capture of a fused forward + backward).
 FUSED_INCEPTION_DEVICE=cuda python -m pytest -q tests -rs 2>&1 | tee "$out/pytest-cuda.txt"
 # The pytest-benchmark suites: per block and whole networks, eager / torch.compile / fused, batch
 # 1/32/256, fp32 (TF32 as PyTorch's defaults) / bf16 / fp16, channels_last. Raw JSON with machine info.
@@ -24,4 +25,10 @@ for model in googlenet inception_v3; do
     python -m fused_inception --model "$model" --device cuda --batch "$batch" --dtype bfloat16 --channels-last 2>&1 \
       | tee "$out/report-$model-bf16-cl-b$batch.txt"
   done
+done
+# Training: the example run (loss must go down) in bf16 autocast, channels_last, batch 64 at 224,
+# fused and eager; the timed step is bench/test_training.py in the suites above.
+for impl in fused eager; do
+  python bench/train_step.py --impl "$impl" --device cuda --batch 64 --size 224 --amp bf16 --channels-last \
+    --steps 10 2>&1 | tee "$out/train-step-$impl-bf16-b64.txt"
 done
