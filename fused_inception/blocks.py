@@ -5,9 +5,11 @@ forward, verbatim); the block's graph is recognised from it by `pattern.recipe_o
 and `forward` checks the input, picks a backend and runs the cached plan. Backends:
 
 - Triton: on CUDA tensors, and on CPU tensors when Triton's interpreter is on (TRITON_INTERPRET=1
-  set before `fused_inception` is imported). Used in eval mode; one launch per stage.
-- eager: `eager_forward`. Used in train mode (batch statistics, running-stat updates, autograd
-  exactly as nn.BatchNorm2d), for float64, and on CPU without the interpreter.
+  set before `fused_inception` is imported). Eval mode: one launch per stage. Train mode
+  (`training.py`): batch statistics in the stage launch, then normalise + ReLU, and a fused
+  backward.
+- eager: `eager_forward`. For float64, on CPU without the interpreter, and where the kernels
+  would differ from eager (see `uses_kernels`).
 
 Under torch.autocast (fp16/bf16) the kernels compute in the autocast dtype, as eager autocast
 convolutions do: the input is cast, weights are laid out in that dtype (one cached plan per
@@ -139,6 +141,7 @@ class FusedBlock(nn.Module):
             structure = training.build_train_plan(graph, torch.device("meta"), torch.float32, torch.float32)
         self._train_structure = structure
         self._train_refs = tuple(ref for ref in structure.refs(graph) if ref is not None and getattr(*ref) is not None)
+        self._param_count = len(self._tracked_params())  # a parameter added or removed: trace again
         self._train_bns = tuple((graph.nodes[i].bn, lo, hi) for i, lo, hi in structure.bn_columns)
 
     def _fingerprint(self):
@@ -164,7 +167,8 @@ class FusedBlock(nn.Module):
         raise NotImplementedError
 
     def _current_recipe(self):
-        if self._fingerprint() != self._recipe_fingerprint:
+        # (a parameter set or removed, e.g. conv.bias, changes what a training forward packs)
+        if self._fingerprint() != self._recipe_fingerprint or len(self._tracked_params()) != self._param_count:
             self.invalidate_plan()
             self._set_recipe(self._trace_recipe())
         return self._recipe
@@ -207,7 +211,9 @@ class FusedBlock(nn.Module):
         self._train_plans = {}
 
     def train(self, mode=True):
-        self.invalidate_plan()
+        # The inference plan folds the running statistics: rebuilt. The training plans depend on
+        # the structure only and stay (a CUDA graph captured from them stays valid).
+        self._fused_plans = {}
         return super().train(mode)
 
     def plan(self, dtype=None):
@@ -289,14 +295,9 @@ class FusedBlock(nn.Module):
         return [getattr(module, name) for module, name in self._train_refs]
 
     def _train_forward(self, x):
-        """The fused training forward (batch statistics, running-stat updates, autograd), for
-        any floating dtype the kernels take (float64 too: the tests' gradcheck uses it)."""
+        """The fused training forward (batch statistics, running-stat updates, autograd)."""
         dtype = self._compute_dtype(x)
         params = self._train_params()
-        if any(p is None for p in params):  # a parameter was removed (e.g. conv.bias = None)
-            self.invalidate_plan()
-            self._set_recipe(self._trace_recipe())
-            params = self._train_params()
         plan = self.train_plan(dtype, x.device)
         group = training.sync_group([bn for bn, _, _ in self._train_bns])
         centers = [bn.running_mean for bn, _, _ in self._train_bns]

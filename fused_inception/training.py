@@ -24,8 +24,6 @@ GEMM), pools by autograd. Saved for backward: the block input, `raw` and per-cha
 """
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -210,13 +208,13 @@ def sync_group(bns):
     kinds = {type(bn) for bn in bns}
     if nn.SyncBatchNorm not in kinds:
         return None
-    if len(kinds) > 1:
-        raise UnsupportedBlock("the block mixes SyncBatchNorm and BatchNorm2d: convert all of its BatchNorms "
-                               "(nn.SyncBatchNorm.convert_sync_batchnorm) or none")
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return None
+        return None  # SyncBatchNorm computes as BatchNorm2d
+    if len(kinds) > 1:
+        raise UnsupportedBlock("the block mixes SyncBatchNorm and BatchNorm2d: convert all of its BatchNorms "
+                               "(nn.SyncBatchNorm.convert_sync_batchnorm) or none")
     groups = {id(bn.process_group): bn.process_group for bn in bns}
     if len(groups) > 1:
         raise UnsupportedBlock("the block's SyncBatchNorms use different process groups")
@@ -243,7 +241,7 @@ def update_running_stats(bns, saved):
         for bn, lo, hi in bns:
             mean, var = saved[0, lo:hi].to(bn.running_mean.dtype), saved[2, lo:hi].to(bn.running_var.dtype)
             if bn.momentum is None:  # cumulative moving average: weight 1 / num_batches_tracked
-                weight = torch.reciprocal(bn.num_batches_tracked).to(bn.running_mean.dtype)
+                weight = torch.reciprocal(bn.num_batches_tracked.to(bn.running_mean.dtype))
                 bn.running_mean.lerp_(mean, weight)
                 bn.running_var.lerp_(var, weight)
             else:
@@ -286,14 +284,19 @@ def forward(plan, x, params, centers, group, memory_format):
     return out, raw_out, raw_mid, saved
 
 
-def _columns(buffers, row, lo, hi):
-    """The slice of the problem's columns [lo, hi) in buffers[dst] (dst0 below split, dst1 after)."""
+def _columns(buffers, row, lo, hi, value=None):
+    """The slice of the problem's columns [lo, hi) in buffers[dst] (dst0 below split, dst1 after);
+    with `value` ([N, hi - lo, H, W]), written into those slices instead."""
     split = row["split"]
     parts = []
     if lo < split:
         parts.append(buffers[row["dst0"]][:, row["dst0_c"] + lo:row["dst0_c"] + min(hi, split)])
     if hi > split:
         parts.append(buffers[row["dst1"]][:, row["dst1_c"] + max(lo, split) - split:row["dst1_c"] + hi - split])
+    if value is not None:
+        for part, piece in zip(parts, value.split([t.shape[1] for t in parts], 1)):
+            part.copy_(piece)
+        return None
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
@@ -327,14 +330,20 @@ def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, nee
     weights = weights.to(dtype)  # as eager autocast computes the convolutions
     acc = plan.consts.dtype
 
-    # The intermediate results, recomputed from their pre-activations.
-    mid = raw_mid
+    # The intermediate results, recomputed: the convolutions' from their pre-activations, the
+    # pools' (a pool-only branch feeding a residual block's up-projection) from the input.
+    mid, pooled = raw_mid, {}
     if layout.mid_channels:
         mid = torch.empty_like(raw_mid)
         for stage in plan.stages:
             if stage.mid_grid:
                 kbn.bn_apply(stage.table, stage.mid_grid, gammas, betas, gammas, plan.consts[1], saved, saved,
                              raw_out, raw_mid, raw_out, mid, recompute=True)
+        for index, p in enumerate(plan.problems):
+            if not p.gemm and _has_mid_columns(p.row):
+                pooled[index] = _pooled(layout.geometry[p.members[0]][1], x)
+                spare = out if out is not None else torch.empty_like(raw_out)  # (columns in `out` aren't needed)
+                _columns({kconv.BUF_OUT: spare, kconv.BUF_MID: mid}, p.row, 0, p.ncols, pooled[index][0])
     d_mid = torch.zeros_like(mid) if layout.mid_channels else grad_out
     if plan.reads_out:  # an output branch also feeds a later branch: its gradient gathers both
         grad_out = grad_out.clone()
@@ -364,7 +373,11 @@ def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, nee
             if not p.gemm:  # a pool alone: its gradient goes straight to the input
                 if need_x:
                     grad = _columns(grads_of, row, 0, p.ncols)
-                    dx = _accumulate(dx, _pool_backward(pool, x, _pooled(pool, x)[1], grad))
+                    if index in pooled or pool.kind == "max":  # (an average pool's backward needs no indices)
+                        indices = (pooled[index] if index in pooled else _pooled(pool, x))[1]
+                    else:
+                        indices = None
+                    dx = _accumulate(dx, _pool_backward(pool, x, indices, grad))
                 continue
             w_off -= p.ncols * p.k
             gz = _columns(dz, row, 0, p.ncols)

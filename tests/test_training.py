@@ -88,7 +88,8 @@ def test_train_launches_per_googlenet_block(interpreter_launches):
     kernels (one cat packs the parameters and zeroes the statistics; _foreach_add_ and
     _foreach_lerp_ update num_batches_tracked and the running stats) against torchvision's 26.
     Backward: 5 launches of ours (recompute the intermediate results; per stage the BN+ReLU
-    reduction and gradient) + the convolution backward calls, fewer than eager's kernels."""
+    reduction and gradient) + 16 torch kernels (4 convolution backwards, the rest small copies
+    and adds) against eager's 23."""
     ref, fused = pair(1)
     ref.train()
     fused.train()
@@ -111,7 +112,7 @@ def test_train_launches_per_googlenet_block(interpreter_launches):
         yr.backward(g)
     assert nb.value == 5
     assert kb.names.count("convolution_backward") == 4  # the merged 1x1s are one call
-    assert nb.value + kb.value < eager_b.value, (kb.names, eager_b.names)
+    assert (kb.value, eager_b.value) == (16, 23), (kb.names, eager_b.names)  # as the README's table says
 
 
 def test_block_without_batchnorm_needs_one_launch_per_stage():
@@ -159,6 +160,56 @@ def test_residual_block_trains_like_eager(device):
     fused, report = fuse(nn.Sequential(original))
     assert len(report.swapped) == 1
     check_training_parity(ref, fused[0], torch.randn(2, 20, 5, 5, device=device))
+
+
+
+class PoolResidual(nn.Module):
+    """A residual block whose concatenation holds a pool-only branch: the up-projection's weight
+    gradient reads the pooled channels, which backward must recompute."""
+
+    def __init__(self, c=6, pool=nn.MaxPool2d(3, 1, 1)):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Conv2d(c, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.pool = pool
+        self.up = nn.Conv2d(4 + c, c, 1)
+
+    def forward(self, x):
+        return F.relu(x + 0.2 * self.up(torch.cat([self.branch(x), self.pool(x)], 1)))
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, 1, 1), nn.AvgPool2d(3, 1, 1)], ids=["max", "avg"])
+def test_residual_block_with_a_pool_only_branch(pool):
+    original = randomize_(PoolResidual(pool=pool), 5)
+    ref = copy.deepcopy(original)
+    fused, report = fuse(nn.Sequential(original))
+    assert len(report.swapped) == 1
+    check_training_parity(ref, fused[0], torch.randn(2, 6, 5, 5))
+
+
+
+def test_parameter_added_or_removed_after_construction():
+    """A conv bias set (or removed) after the block was built is packed (or no longer) by the
+    next training forward, as eager uses it."""
+    ref, fused = pair(13)
+    for model in (ref, fused):
+        model.branch1.conv.bias = nn.Parameter(torch.full((ARGS[1],), 0.5))
+    check_training_parity(ref, fused, torch.randn(2, ARGS[0], 5, 5), steps=1,
+                          zero_grads=("branch1.conv.bias",))
+    ref.load_state_dict(fused.state_dict())  # the running statistics the first step updated
+    fused.zero_grad()
+    for model in (ref, fused):
+        model.branch1.conv.bias = None
+    check_training_parity(ref, fused, torch.randn(2, ARGS[0], 5, 5), steps=1)
+
+
+def test_training_plan_survives_eval_and_train():
+    """train()/eval() rebuild the inference plan only: the training plan's device tensors (which
+    a captured CUDA graph points to) stay."""
+    _, fused = pair(14)
+    plan = fused.train().train_plan(torch.float32, torch.device(DEVICE))
+    fused.eval()
+    fused.train()
+    assert fused.train_plan(torch.float32, torch.device(DEVICE)) is plan
 
 
 def test_momentum_none_no_affine_and_conv_bias():
