@@ -209,19 +209,10 @@ def bn_apply(table, problems, gamma, beta, center, eps, stats, saved, raw_out, r
         raw_out, raw_mid: the shadows conv_stage wrote; out, mid: the buffers (same strides).
         recompute: write only the columns that go to `mid`, from `saved` (backward).
     """
-    batch = out.shape[0]
-    hw = {kconv.BUF_OUT: out.shape[2] * out.shape[3], kconv.BUF_MID: mid.shape[2] * mid.shape[3]}
-    grid = _grid(batch, problems, hw)
-    if grid[0] == 0:
-        return
-    with kconv.hidden_from_dispatch():
-        _bn_apply_kernel[grid](
-            table, table.shape[0], gamma, beta, center, eps, stats, saved, saved.shape[1],
-            raw_out, raw_mid, out, mid, batch, *kconv.geometry(out), *kconv.geometry(mid),
-            SELECT=kconv.SELECT_GEMM_MID if recompute else kconv.SELECT_BN, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            ACC=kconv.accumulator(out.dtype), RECOMPUTE=recompute,
-        )
-    kconv.count_launch()
+    _launch(_bn_apply_kernel, problems, out, mid,
+            (table, table.shape[0], gamma, beta, center, eps, stats, saved, saved.shape[1],
+             raw_out, raw_mid, out, mid, out.shape[0], *kconv.geometry(out), *kconv.geometry(mid)),
+            SELECT=kconv.SELECT_GEMM_MID if recompute else kconv.SELECT_BN, RECOMPUTE=recompute)
 
 
 def bn_backward_reduce(table, problems, gamma, beta, saved, sums, raw_out, raw_mid, grad_out, d_mid):
@@ -244,17 +235,20 @@ def bn_backward(table, problems, gamma, beta, saved, sums, raw_out, raw_mid, gra
 
 
 def _backward(reduce, table, problems, gamma, beta, saved, sums, raw_out, raw_mid, grad_out, d_mid, dz_out, dz_mid):
-    batch = raw_out.shape[0]
-    hw = {kconv.BUF_OUT: raw_out.shape[2] * raw_out.shape[3], kconv.BUF_MID: raw_mid.shape[2] * raw_mid.shape[3]}
-    grid = _grid(batch, problems, hw)
+    _launch(_bn_backward_kernel, problems, raw_out, raw_mid,
+            (table, table.shape[0], gamma, beta, saved, sums, saved.shape[1],
+             raw_out, raw_mid, grad_out, d_mid, dz_out, dz_mid, raw_out.shape[0],
+             *kconv.geometry(raw_out), *kconv.geometry(raw_mid), *_strides(grad_out), *_strides(d_mid)),
+            SELECT=kconv.SELECT_BN if reduce else kconv.SELECT_GEMM, REDUCE=reduce)
+
+
+def _launch(kernel, problems, out, mid, args, **meta):
+    """One launch of `kernel` over the programs of `problems` (none if they have no programs):
+    `out`/`mid` (or their shadows) give the pixel counts and the accumulator dtype."""
+    hw = {kconv.BUF_OUT: out.shape[2] * out.shape[3], kconv.BUF_MID: mid.shape[2] * mid.shape[3]}
+    grid = _grid(out.shape[0], problems, hw)
     if grid[0] == 0:
         return
     with kconv.hidden_from_dispatch():
-        _bn_backward_kernel[grid](
-            table, table.shape[0], gamma, beta, saved, sums, saved.shape[1],
-            raw_out, raw_mid, grad_out, d_mid, dz_out, dz_mid, batch,
-            *kconv.geometry(raw_out), *kconv.geometry(raw_mid), *_strides(grad_out), *_strides(d_mid),
-            SELECT=kconv.SELECT_BN if reduce else kconv.SELECT_GEMM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            ACC=kconv.accumulator(raw_out.dtype), REDUCE=reduce,
-        )
+        kernel[grid](*args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ACC=kconv.accumulator(out.dtype), **meta)
     kconv.count_launch()
