@@ -259,7 +259,7 @@ class FusedBlock(nn.Module):
         if self.training:
             if torch.are_deterministic_algorithms_enabled():
                 return False
-            scale = self._train_structure.layout.head and self.graph().head.scale
+            scale = self._residual_scale()
             if isinstance(scale, torch.Tensor) and scale.requires_grad:
                 return False
             return len({getattr(*ref).dtype for ref in self._train_refs}) == 1
@@ -282,7 +282,7 @@ class FusedBlock(nn.Module):
     def train_plan(self, dtype, device):
         """The training plan for inputs of `dtype` on `device` (built or taken from the cache)."""
         param_dtype = getattr(*self._train_refs[0]).dtype
-        scale = self._recipe.head is not None and self.graph().head.scale
+        scale = self._residual_scale()
         # A residual scale held in a buffer is read when the plan is built.
         scale_key = (id(scale), scale._version) if isinstance(scale, torch.Tensor) else scale
         key = (device, dtype, param_dtype, scale_key)
@@ -294,14 +294,24 @@ class FusedBlock(nn.Module):
     def _train_params(self):
         return [getattr(module, name) for module, name in self._train_refs]
 
+    def _running_means(self):
+        return [bn.running_mean for bn, _, _ in self._train_bns]
+
+    def _sync_group(self):
+        """The process group the block's BatchNorm statistics are all-reduced over, or None."""
+        return training.sync_group([bn for bn, _, _ in self._train_bns])
+
+    def _residual_scale(self):
+        """The residual head's scale (a number or a tensor), or None for a concat block."""
+        return self.graph().head.scale if self._recipe.head is not None else None
+
     def _train_forward(self, x):
         """The fused training forward (batch statistics, running-stat updates, autograd)."""
         dtype = self._compute_dtype(x)
         params = self._train_params()
         plan = self.train_plan(dtype, x.device)
-        group = training.sync_group([bn for bn, _, _ in self._train_bns])
-        centers = [bn.running_mean for bn, _, _ in self._train_bns]
-        out, saved = training.TrainFunction.apply(plan, group, output_memory_format(x), centers, x.to(dtype), *params)
+        out, saved = training.TrainFunction.apply(plan, self._sync_group(), output_memory_format(x),
+                                                  self._running_means(), x.to(dtype), *params)
         training.update_running_stats(self._train_bns, saved)
         return out
 
@@ -313,7 +323,7 @@ class FusedBlock(nn.Module):
             if not self.uses_kernels(x):
                 return self.eager_forward(x)
             out, _, _, saved = ops.block_train_forward(x.to(self._compute_dtype(x)), self._train_params(),
-                                                       [bn.running_mean for bn, _, _ in self._train_bns], self._op_id)
+                                                       self._running_means(), self._op_id)
             training.update_running_stats(self._train_bns, saved)
             return out
         if not self.uses_kernels(x) or torch.is_autocast_enabled(x.device.type):

@@ -80,8 +80,7 @@ def block_train_forward(x: torch.Tensor, params: List[torch.Tensor], centers: Li
 
     b = _block(block)
     plan = b.train_plan(x.dtype, x.device)
-    group = training.sync_group([bn for bn, _, _ in b._train_bns])
-    out, raw_out, raw_mid, saved = training.forward(plan, x, params, centers, group, output_memory_format(x))
+    out, raw_out, raw_mid, saved = training.forward(plan, x, params, centers, b._sync_group(), output_memory_format(x))
     if raw_mid is raw_out:  # outputs may not alias: no intermediate results, an empty tensor
         raw_mid = raw_out.new_empty(0)
     return out, raw_out, raw_mid, saved
@@ -109,11 +108,10 @@ def block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, raw_out: torch
 
     b = _block(block)
     plan = b.train_plan(x.dtype, x.device)
-    group = training.sync_group([bn for bn, _, _ in b._train_bns])
     if raw_mid.numel() == 0 and plan.layout.mid_channels == 0:
         raw_mid = raw_out
     dx, weight_grads, bias_grads, sums = training.backward(plan, x, raw_out, raw_mid, saved, out, params,
-                                                           grad_out, group, need_x)
+                                                           grad_out, b._sync_group(), need_x)
     if need_x and dx.stride() != x.stride():  # the layout the fake implementation states
         dx = torch.empty_like(x).copy_(dx)
     flat = [dx if need_x else x.new_empty(0)]

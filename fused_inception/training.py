@@ -4,8 +4,9 @@ Forward, per stage of the block's layout (see `plan.build_layout`):
 
     launch 1  conv_stage(TRAIN): every convolution of the stage; each writes its pre-activation
               `raw` into a shadow of its destination (`raw_out`, `raw_mid`) and, with BatchNorm,
-              adds the per-channel sum, sum of squares and count of `raw` into `sums`; without
-              BatchNorm the ReLU'd result goes to its slice of `out`/`mid` right away
+              adds the per-channel sum and sum of squares of `raw - running_mean`, and the
+              count, into `sums`; without BatchNorm the ReLU'd result goes to its slice of
+              `out`/`mid` right away
     launch 2  bn_apply (only if the stage has BatchNorm): statistics -> normalise, affine, ReLU,
               written into the channel slices of `out`/`mid`; mean, 1/std, unbiased variance
               and count saved per channel
@@ -19,7 +20,7 @@ Backward (`backward`), stages in reverse: the intermediate results that later st
 recomputed from `raw` (one bn_apply launch per stage), then per stage the BN+ReLU backward in
 two launches (per-channel reduction, then the gradient of `raw`), and the convolutions' input,
 weight and bias gradients by `aten.convolution_backward` (the eager fallback: one call per merged
-GEMM), pools by autograd. Saved for backward: the block input, `raw` and per-channel statistics
+GEMM), the pools' by ATen's pool backward. Saved for backward: the block input, `raw` and per-channel statistics
 (and the block output, for a block whose branches read another branch's output).
 """
 
