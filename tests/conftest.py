@@ -15,6 +15,7 @@ else:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from fused_inception.kernels import conv as kconv  # noqa: E402
 from fused_inception.report import informative_init_  # noqa: E402
@@ -39,6 +40,21 @@ def assert_close_rel(actual, expected, tol, what=""):
 def randomize_(model, seed=0):
     """Weights and BN statistics that keep activations O(1) (see report.informative_init_)."""
     return informative_init_(model, seed)
+
+
+class SequentialNoBN(nn.Module):
+    """An Inception-style block of nn.Sequential branches of conv (bias on) + ReLU, no BatchNorm:
+    29 output channels."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.b1 = nn.Sequential(nn.Conv2d(cin, 8, 1), nn.ReLU(inplace=True))
+        self.b2 = nn.Sequential(nn.Conv2d(cin, 6, 1), nn.ReLU(), nn.Conv2d(6, 10, 3, padding=1), nn.ReLU())
+        self.b3 = nn.Sequential(nn.Conv2d(cin, 4, 1), nn.ReLU(), nn.Conv2d(4, 6, 5, padding=2), nn.ReLU())
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(cin, 5, 1), nn.ReLU())
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], dim=1)
 
 
 if DEVICE != "cpu":

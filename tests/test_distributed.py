@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.models.googlenet import BasicConv2d, Inception
 
-from conftest import DEVICE, TOL, assert_close_rel, randomize_
+from conftest import DEVICE, TOL, SequentialNoBN, assert_close_rel, randomize_
 from fused_inception import FusedBasicConv2d, FusedInception, fuse
 
 WORLD = 2
@@ -35,25 +35,12 @@ STEPS = 2
 def build(fused, batchnorm=True):
     if batchnorm:
         conv, block = (FusedBasicConv2d, FusedInception) if fused else (BasicConv2d, Inception)
-        stem, body = conv(3, 16, kernel_size=3, padding=1), block(16, 8, 8, 12, 4, 8, 8)
+        stem, body, width = conv(3, 16, kernel_size=3, padding=1), block(16, 8, 8, 12, 4, 8, 8), 36
     else:
-        stem, body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()), NoBatchNormBlock()
+        stem, body, width = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()), SequentialNoBN(16), 29
         if fused:
             body, _ = fuse(body)
-    return nn.Sequential(stem, body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(36, 5))
-
-
-class NoBatchNormBlock(nn.Module):
-    """An Inception-style block of conv (with bias) + ReLU branches."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(16, 8, 1), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Conv2d(8, 20, 3, padding=1), nn.ReLU())
-        self.c = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(16, 8, 1), nn.ReLU())
-
-    def forward(self, x):
-        return torch.cat([self.a(x), self.b(x), self.c(x)], 1)
+    return nn.Sequential(stem, body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 5))
 
 
 def data():

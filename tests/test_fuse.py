@@ -8,22 +8,8 @@ from torch import nn
 import torch.nn.functional as F
 import torchvision
 
-from conftest import TOL, assert_close_rel, randomize_
+from conftest import TOL, SequentialNoBN, assert_close_rel, randomize_
 from fused_inception import FusedGraphBlock, count_launches, fuse
-
-
-class SequentialNoBN(nn.Module):
-    """nn.Sequential branches of conv (bias on) + ReLU, no BatchNorm."""
-
-    def __init__(self, cin):
-        super().__init__()
-        self.b1 = nn.Sequential(nn.Conv2d(cin, 8, 1), nn.ReLU(inplace=True))
-        self.b2 = nn.Sequential(nn.Conv2d(cin, 6, 1), nn.ReLU(), nn.Conv2d(6, 10, 3, padding=1), nn.ReLU())
-        self.b3 = nn.Sequential(nn.Conv2d(cin, 4, 1), nn.ReLU(), nn.Conv2d(4, 6, 5, padding=2), nn.ReLU())
-        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(cin, 5, 1), nn.ReLU())
-
-    def forward(self, x):
-        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], dim=1)
 
 
 class FunctionalStyle(nn.Module):

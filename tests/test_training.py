@@ -9,7 +9,7 @@ from torch import nn
 import torch.nn.functional as F
 from torchvision.models.googlenet import Inception
 
-from conftest import DEVICE, TOL, assert_close_rel, randomize_
+from conftest import DEVICE, TOL, SequentialNoBN, assert_close_rel, randomize_
 from fused_inception import (FusedBasicConv2d, FusedInception, FusedInceptionA, FusedInceptionB, FusedInceptionC,
                              FusedInceptionD, FusedInceptionE, count_launches, fuse)
 from fused_inception.launches import count_torch_kernels
@@ -117,18 +117,7 @@ def test_train_launches_per_googlenet_block(interpreter_launches):
 
 def test_block_without_batchnorm_needs_one_launch_per_stage():
     """conv bias + ReLU branches (no BN): each stage's epilogue writes the results, no second launch."""
-
-    class NoBN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Sequential(nn.Conv2d(12, 8, 1), nn.ReLU())
-            self.b = nn.Sequential(nn.Conv2d(12, 6, 1), nn.ReLU(), nn.Conv2d(6, 10, 3, padding=1), nn.ReLU())
-            self.c = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(12, 4, 1), nn.ReLU())
-
-        def forward(self, x):
-            return torch.cat([self.a(x), self.b(x), self.c(x)], 1)
-
-    ref = randomize_(NoBN(), 2)
+    ref = randomize_(SequentialNoBN(12), 2)
     fused, report = fuse(copy.deepcopy(ref))
     assert len(report.swapped) == 1
     x = torch.randn(2, 12, 6, 6)
@@ -162,7 +151,6 @@ def test_residual_block_trains_like_eager(device):
     check_training_parity(ref, fused[0], torch.randn(2, 20, 5, 5, device=device))
 
 
-
 class PoolResidual(nn.Module):
     """A residual block whose concatenation holds a pool-only branch: the up-projection's weight
     gradient reads the pooled channels, which backward must recompute."""
@@ -184,7 +172,6 @@ def test_residual_block_with_a_pool_only_branch(pool):
     fused, report = fuse(nn.Sequential(original))
     assert len(report.swapped) == 1
     check_training_parity(ref, fused[0], torch.randn(2, 6, 5, 5))
-
 
 
 def test_parameter_added_or_removed_after_construction():
@@ -255,7 +242,6 @@ def test_statistics_are_centred_on_the_running_mean():
     assert err_fused <= 2 * err_eager + 1e-4  # uncentred sums (running mean 0): 0.53 off of a max 3.5
 
 
-
 def test_non_finite_running_mean_does_not_spoil_the_batch_statistics():
     """One bad batch makes eager's running mean NaN or Inf too, and eager training goes on (its
     batch statistics don't read it); so must the fused statistics, which are centred on it."""
@@ -321,7 +307,6 @@ def test_one_value_per_channel_is_refused_like_batchnorm():
         ref(x)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         conv(x)
-
 
 
 def test_double_backward_is_refused():
