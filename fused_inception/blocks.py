@@ -80,8 +80,9 @@ def output_memory_format(x):
 
 
 def triton_available_for(x):
-    """True if the stage kernel can run on x's device: CUDA, or CPU under the interpreter."""
-    return x.device.type == "cuda" or (kconv.INTERPRETING and x.device.type == "cpu")
+    """True if the stage kernel can run on x's device: CUDA, or CPU under the interpreter (or
+    while kernel launches are recorded, see fused_inception.codegen)."""
+    return x.device.type == "cuda" or ((kconv.INTERPRETING or kconv.is_recording()) and x.device.type == "cpu")
 
 
 class _EvalFunction(torch.autograd.Function):

@@ -45,7 +45,8 @@ def count_launches():
 class _TorchKernelCounter(TorchDispatchMode):
     """Counts the ATen operators that launch a kernel: views and allocations don't."""
 
-    _FREE = {"empty", "empty_strided", "empty_like", "detach", "t", "alias", "lift_fresh", "_to_copy_meta"}
+    _FREE = {"empty", "empty_strided", "empty_like", "detach", "t", "alias", "lift_fresh", "_to_copy_meta",
+             "_unsafe_view"}
 
     def __init__(self):
         super().__init__()

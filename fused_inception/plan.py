@@ -213,19 +213,76 @@ def folded_scale_shift(node, cout, device):
     return scale.float(), shift.float()
 
 
+# A problem's description, as the layout builds it (buffers and channel slices: columns < split
+# go to dst0 at channel dst0_c, the rest to dst1 at dst1_c; a pool-only problem has gemm 0).
+ROW_DEFAULTS = dict(src=kconv.BUF_X, src_c=0, cin=0, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, pool=kconv.POOL_NONE,
+                    pkh=1, pkw=1, psh=1, psw=1, pph=0, ppw=0, gemm=1, ncols=0, split=0, dst0=kconv.BUF_OUT,
+                    dst0_c=0, dst1=kconv.BUF_OUT, dst1_c=0, res=0, relu=0, bn=0)
+
+
+def power_of_two_dividing(*values, cap=8):
+    """The largest power of two <= cap dividing every value (what the kernel may assume about them)."""
+    a = cap
+    for v in values:
+        while v % a:
+            a //= 2
+    return a
+
+
+# A convolution with fewer input channels than this runs its K loop over (tap, channel) pairs
+# (kconv.KIND_GEMM_FLAT): a stem's 3 channels would fill a 64-wide K chunk per tap to 5%.
+FLAT_K_BELOW = 16
+
+
+def problem_spec(row, channels, walign):
+    """The kernel's compile-time description of a problem (kconv.problem_spec) from its row.
+
+    channels: total channels of each buffer ({BUF_X: ..., BUF_OUT: ..., BUF_MID: ...}), from which
+    the channel-last row pitches follow; walign: what divides the problem's weight offset and pitch."""
+    split = row["split"] < row["ncols"]
+    written = [row["ncols"], channels[row["dst0"]], row["dst0_c"]]
+    if split:
+        written += [row["split"], channels[row["dst1"]], row["dst1_c"]]
+    touched = [channels[row["src"]], row["src_c"], row["cin"]] + written
+    if row["res"]:
+        touched.append(channels[kconv.BUF_X])
+    if not row["gemm"]:
+        kind = kconv.KIND_POOL
+    elif row["pool"]:
+        kind = kconv.KIND_POOLED_GEMM
+    elif row["cin"] < FLAT_K_BELOW and row["kh"] * row["kw"] > 1:
+        kind = kconv.KIND_GEMM_FLAT
+    else:
+        kind = kconv.KIND_GEMM
+    return kconv.problem_spec(
+        kind=kind, src=row["src"], dst0=row["dst0"], dst1=row["dst1"], split=split, kh=row["kh"], kw=row["kw"],
+        sh=row["sh"], sw=row["sw"], ph=row["ph"], pw=row["pw"], pool=row["pool"], pkh=row["pkh"], pkw=row["pkw"],
+        psh=row["psh"], psw=row["psw"], pph=row["pph"], ppw=row["ppw"], res=row["res"], relu=row["relu"],
+        bn=row["bn"], align=power_of_two_dividing(*touched), walign=walign, dalign=power_of_two_dividing(*written))
+
+
+def table_row(row, w_off, w_ld, ss_off):
+    """The problem's runtime fields (kconv.TABLE_FIELDS)."""
+    values = dict(row, w_off=w_off, w_ld=w_ld, ss_off=ss_off)
+    return [int(values[f]) for f in kconv.TABLE_FIELDS]
+
+
 @dataclass
 class Stage:
-    """One launch: the problem table and the concatenated weights of its convolutions."""
+    """One launch: the compile-time spec and the table of its problems, and their packed weights."""
 
-    table: torch.Tensor  # int32 [P, len(kconv.FIELDS)] on the device
-    problems: tuple  # ((dst0 buffer, ncols, K), ...) on the host, for the launch grid
+    spec: tuple  # kconv.problem_spec per problem (constexpr)
+    table: torch.Tensor  # int32 [P, len(kconv.TABLE_FIELDS)] on the device
+    ncols: tuple  # output columns per problem (host: the launch grid)
+    depth: tuple  # GEMM depth kh*kw*cin per problem (host: the autotune key)
     weight: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
     nodes: tuple  # node indices per problem, for reports
 
     def run(self, x, out, mid):
-        kconv.conv_stage(self.table, self.problems, self.weight, self.scale, self.shift, x, out, mid)
+        kconv.conv_stage(self.spec, self.table, self.ncols, self.depth, self.weight, self.scale, self.shift,
+                         x, out, mid)
 
 
 @dataclass
@@ -237,7 +294,7 @@ class Problem:
     convs: tuple  # the members' nn.Conv2d (empty for a pool alone)
     bns: tuple  # the members' BatchNorm or None
     couts: tuple  # the members' output channels
-    row: dict  # every problem_row field; w_off, ss_off and the weight strides are set by the plan
+    row: dict  # every ROW_DEFAULTS field (buffers, channel slices, geometry, pool, epilogue)
     k: int  # GEMM depth kh*kw*cin (for a pool alone: its taps)
     scale: float = 1.0  # the residual head's scale
 
@@ -476,7 +533,7 @@ def build_layout(graph):
                     k = conv.kernel_size[0] * conv.kernel_size[1] * cin
                 convs = tuple(nodes[i].conv for i in members) if first.conv is not None else ()
                 problems.append(Problem(members, convs, tuple(nodes[i].bn for i in members),
-                                        tuple(couts[i] for i in members), dict(kconv.ROW_DEFAULTS, **row), k))
+                                        tuple(couts[i] for i in members), dict(ROW_DEFAULTS, **row), k))
         stages.append(problems)
     head = None
     if graph.head is not None:
@@ -487,7 +544,7 @@ def build_layout(graph):
                    ph=conv.padding[0], pw=conv.padding[1], gemm=1, ncols=graph.in_channels, split=graph.in_channels,
                    dst0=kconv.BUF_OUT, dst0_c=0, dst1=kconv.BUF_OUT, dst1_c=0, res=1, relu=int(graph.head.relu))
         # A buffer scale is read here, when the layout is built, not per forward.
-        stages.append([Problem(("head",), (conv,), (None,), (graph.in_channels,), dict(kconv.ROW_DEFAULTS, **row),
+        stages.append([Problem(("head",), (conv,), (None,), (graph.in_channels,), dict(ROW_DEFAULTS, **row),
                                kh * kw * cat_channels,
                                float(graph.head.scale))])
     return Layout(stages=stages, out_channels=cat_channels if head is None else graph.in_channels,
@@ -497,36 +554,41 @@ def build_layout(graph):
 
 def build_plan(graph, device, dtype):
     """Build the inference stages for `graph` with weights on `device` in `dtype` (fp32, fp16 or
-    bf16): BatchNorm and conv bias folded into a per-column scale and shift, weights laid out
-    [K, ncols] with K ordered (tap, input channel) and merged along columns.
+    bf16): BatchNorm and conv bias folded into a per-column scale and shift, each problem's
+    weights one [ncols, K] matrix (K ordered (tap, input channel), rows padded to a multiple of
+    kconv.W_ALIGN elements) with its convolutions' output channels stacked.
 
     Raises UnsupportedBlock if some node can't go through the stage kernel.
     """
     layout = build_layout(graph)
+    channels = {kconv.BUF_X: graph.in_channels, kconv.BUF_OUT: layout.out_channels,
+                kconv.BUF_MID: layout.mid_channels}
     stages = []
     for problems in layout.stages:
-        rows, weights, scales, shifts = [], [], [], []
+        rows, specs, weights, scales, shifts = [], [], [], [], []
         w_off = ss_off = 0
         for prob in problems:
-            row = dict(prob.row, w_off=w_off, ss_off=ss_off)
+            w_ld = 0
             if prob.gemm:
-                cin, taps = prob.row["cin"], prob.row["kh"] * prob.row["kw"]
-                row.update(w_sn=1, w_sc=prob.ncols, w_st=cin * prob.ncols)
-                # [Cout, Cin, KH, KW] -> [KH, KW, Cin, Cout] -> [K, Cout], concatenated along Cout.
-                w = torch.cat([conv.weight.detach().permute(2, 3, 1, 0).reshape(taps * cin, cout)
-                               for conv, cout in zip(prob.convs, prob.couts)], 1)
-                weights.append(w.to(device=device, dtype=dtype).reshape(-1))
-                w_off += w.numel()
+                # [Cout, Cin, KH, KW] -> [Cout, KH, KW, Cin] -> [Cout, K], stacked along Cout, rows padded.
+                w = torch.cat([conv.weight.detach().permute(0, 2, 3, 1).reshape(cout, prob.k)
+                               for conv, cout in zip(prob.convs, prob.couts)], 0)
+                w_ld = -(-prob.k // kconv.W_ALIGN) * kconv.W_ALIGN
+                weights.append(F.pad(w, (0, w_ld - prob.k)).to(device=device, dtype=dtype).reshape(-1))
             convs = prob.convs or (None,) * len(prob.members)
             for conv, bn, cout in zip(convs, prob.bns, prob.couts):
                 s, b = folded_scale_shift(ConvNode(conv, bn), cout, device)
                 scales.append(s * prob.scale)
                 shifts.append(b * prob.scale)
-            rows.append(kconv.problem_row(**row))
+            rows.append(table_row(prob.row, w_off, w_ld, ss_off))
+            specs.append(problem_spec(dict(prob.row, bn=0), channels, kconv.W_ALIGN))
+            w_off += prob.ncols * w_ld
             ss_off += prob.ncols
         stages.append(Stage(
+            spec=tuple(specs),
             table=torch.tensor(rows, dtype=torch.int32, device=device),
-            problems=tuple((p.row["dst0"], p.ncols, p.k) for p in problems),
+            ncols=tuple(p.ncols for p in problems),
+            depth=tuple(p.k for p in problems),
             weight=torch.cat(weights) if weights else torch.zeros(1, dtype=dtype, device=device),
             scale=torch.cat(scales).to(device=device, dtype=torch.float32),
             shift=torch.cat(shifts).to(device=device, dtype=torch.float32),

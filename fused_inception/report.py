@@ -76,7 +76,7 @@ def traffic(block, x_shape, elem_size):
         eager += cat_elems + graph.head.conv.weight.numel() + n_out + 2 * n_out + 3 * n_out + 2 * n_out * graph.head.relu
     fused = 0
     for stage in plan.stages:
-        for (dst, ncols, k), members in zip(stage.problems, stage.nodes):
+        for ncols, k, members in zip(stage.ncols, stage.depth, stage.nodes):
             if members == ("head",):  # reads the concatenation and x, writes the output
                 fused += cat_elems + 2 * n * ncols * oh * ow + k * ncols
                 continue

@@ -31,19 +31,22 @@ from torch.autograd.function import once_differentiable
 
 from fused_inception.kernels import batchnorm as kbn
 from fused_inception.kernels import conv as kconv
-from fused_inception.plan import UnsupportedBlock, build_layout
+from fused_inception.plan import UnsupportedBlock, build_layout, power_of_two_dividing, problem_spec, table_row
 
 
 @dataclass
 class TrainStage:
-    table: torch.Tensor  # int32 problem table, weights in nn.Conv2d's layout, global columns
+    spec: tuple  # kconv.problem_spec per problem (training: `bn` set where BatchNorm follows)
+    table: torch.Tensor  # int32 problem table: packed weights ([ncols, K] per problem), global columns
     problems: list  # plan.Problem, in table order
     first_problem: int  # index of problems[0] among all the block's problems
     columns: tuple  # [first, last) column of the stage
-    conv_grid: tuple  # (dst0, ncols, K) per problem, for conv_stage
-    bn_grid: tuple  # (dst0, ncols) of the problems with BatchNorm
-    gemm_grid: tuple  # (dst0, ncols) of the convolutions
-    mid_grid: tuple  # (dst0, ncols) of the convolutions with columns in `mid`
+    ncols: tuple  # per problem, for conv_stage's grid
+    depth: tuple  # per problem: GEMM depth (autotune key)
+    splits: tuple  # per problem: (ncols, split), for the BatchNorm launches' grids
+    bn_parts: tuple  # kbn.parts of the problems with BatchNorm
+    gemm_parts: tuple  # kbn.parts of the convolutions
+    mid_parts: tuple  # kbn.parts of the convolutions that go to `mid`
 
 
 @dataclass
@@ -96,7 +99,8 @@ class TrainPlan:
         per BatchNorm in bn_columns order) also the centres per column and zeroed statistics
         accumulators. Returns (packed, sums [columns, 3] or None)."""
         it = iter(params)
-        pieces = [next(it).reshape(-1) if is_param else self.constants[i] for i, is_param in enumerate(self.is_param)]
+        pieces = [(_kernel_layout(next(it)) if slot.kind == "weight" else next(it).reshape(-1)) if is_param
+                  else self.constants[i] for i, (slot, is_param) in enumerate(zip(self.slots, self.is_param))]
         if centers is None:
             return torch.cat(pieces), None
         it = iter(centers)
@@ -107,6 +111,32 @@ class TrainPlan:
             packed = torch.cat(pieces)
             return packed, packed[-3 * self.columns:].view(self.columns, 3)
         return torch.cat(pieces), torch.zeros(self.columns, 3, dtype=acc, device=self.consts.device)
+
+    def backward_operands(self, params):
+        """What a backward needs of the parameters, with one torch.cat: per problem its weight in
+        nn.Conv2d's layout ([ncols, cin, kh, kw]: the parameter itself for a single convolution,
+        its convolutions' weights stacked for a merged GEMM; None for a pool), and the gammas and
+        betas per column."""
+        by_problem, pieces, gamma_beta = {}, [], []
+        it = iter(params)
+        for i, (slot, is_param) in enumerate(zip(self.slots, self.is_param)):
+            value = next(it) if is_param else self.constants[i]
+            if slot.kind == "weight":
+                by_problem.setdefault(slot.problem, []).append(value)
+            elif slot.kind in ("gamma", "beta"):
+                gamma_beta.append(value.reshape(-1))
+        merged = [w for ws in by_problem.values() if len(ws) > 1 for w in ws]
+        packed = torch.cat([w.reshape(-1) for w in merged] + gamma_beta)
+        weights, offset = [None] * len(self.problems), 0
+        for index, ws in by_problem.items():
+            if len(ws) == 1:
+                weights[index] = ws[0]
+            else:
+                n = sum(w.numel() for w in ws)
+                weights[index] = packed[offset:offset + n].view(-1, *ws[0].shape[1:])
+                offset += n
+        gammas, betas = packed[offset:].view(2, self.columns)
+        return weights, gammas, betas
 
     def sections_of(self, packed):
         """(weights, biases, gammas, betas, centres) views of a packed vector (centres only in a
@@ -130,6 +160,12 @@ class TrainPlan:
         return grads
 
 
+def _kernel_layout(weight):
+    """A conv weight [cout, cin, kh, kw] flattened as [cout, kh, kw, cin], the stage kernel's
+    K-major order (a view for 1x1 convs and channels_last weights, else a copy)."""
+    return weight.permute(0, 2, 3, 1).reshape(-1)
+
+
 def accumulator_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -137,8 +173,11 @@ def accumulator_dtype(dtype):
 def build_train_plan(graph, device, dtype, param_dtype):
     """The training plan of `graph` for inputs of `dtype` on `device` and parameters of `param_dtype`."""
     layout = build_layout(graph)
+    channels = {kconv.BUF_X: graph.in_channels, kconv.BUF_OUT: layout.out_channels,
+                kconv.BUF_MID: layout.mid_channels}
     acc = accumulator_dtype(dtype)
     stages, problems, weight_slots, bias_slots, member_columns, bn_columns = [], [], [], [], [], []
+    w_offsets = []
     scale, eps = [], []
     w_off = col = 0
     for stage_problems in layout.stages:
@@ -146,12 +185,10 @@ def build_train_plan(graph, device, dtype, param_dtype):
         for p in stage_problems:
             index = len(problems)
             problems.append(p)
-            row = dict(p.row, w_off=w_off, ss_off=col)
+            rows.append(table_row(p.row, w_off, p.k if p.gemm else 0, col))
             if p.gemm:
-                taps = p.row["kh"] * p.row["kw"]
-                row.update(w_sn=p.row["cin"] * taps, w_sc=taps, w_st=1)  # nn.Conv2d's [ncols, cin, kh, kw]
+                w_offsets += [w_off, p.k]
                 w_off += p.ncols * p.k
-            rows.append(kconv.problem_row(**row))
             lo = 0
             for member, cout, bn in zip(p.members, p.couts, p.bns):
                 if p.gemm:
@@ -165,13 +202,20 @@ def build_train_plan(graph, device, dtype, param_dtype):
                 lo += cout
             col += p.ncols
         stages.append(TrainStage(
-            table=torch.tensor(rows, dtype=torch.int32, device=device), problems=list(stage_problems),
-            first_problem=first, columns=(first_col, col),
-            conv_grid=tuple((p.row["dst0"], p.ncols, p.k) for p in stage_problems),
-            bn_grid=tuple((p.row["dst0"], p.ncols) for p in stage_problems if p.row["bn"]),
-            gemm_grid=tuple((p.row["dst0"], p.ncols) for p in stage_problems if p.gemm),
-            mid_grid=tuple((p.row["dst0"], p.ncols) for p in stage_problems if p.gemm and _has_mid_columns(p.row)),
+            spec=(), table=torch.tensor(rows, dtype=torch.int32, device=device), problems=list(stage_problems),
+            first_problem=first, columns=(first_col, col), ncols=tuple(p.ncols for p in stage_problems),
+            depth=tuple(p.k for p in stage_problems),
+            splits=tuple((p.ncols, p.row["split"]) for p in stage_problems), bn_parts=(), gemm_parts=(),
+            mid_parts=(),
         ))
+    # What divides every weight offset and row pitch (multiples of 8 in Inception blocks).
+    walign = power_of_two_dividing(*w_offsets)
+    for stage in stages:
+        stage.spec = tuple(problem_spec(p.row, channels, walign) for p in stage.problems)
+        stage.bn_parts = kbn.parts(stage.spec, lambda s, dst: kconv.spec_field(s, "bn"))
+        stage.gemm_parts = kbn.parts(stage.spec, lambda s, dst: kconv.spec_field(s, "kind") != kconv.KIND_POOL)
+        stage.mid_parts = kbn.parts(stage.spec, lambda s, dst: kconv.spec_field(s, "kind") != kconv.KIND_POOL
+                                    and dst == kconv.BUF_MID)
     # Packing order: weights (problem by problem), then biases, BN weights, BN biases per column.
     slots = weight_slots + bias_slots + [Slot(kind, -1, member, lo, hi)
                                          for kind in ("gamma", "beta") for member, lo, hi in member_columns]
@@ -274,13 +318,13 @@ def forward(plan, x, params, centers, group, memory_format):
                                  f"{list(x.shape)} (a BatchNorm of this block sees {values} value per channel)")
     saved = torch.empty(4, plan.columns, dtype=plan.consts.dtype, device=x.device)
     for stage in plan.stages:
-        kconv.conv_stage(stage.table, stage.conv_grid, weights, plan.consts[0], biases, x, out, mid,
-                         raw_out, raw_mid, sums, centers)
-        if stage.bn_grid:
+        kconv.conv_stage(stage.spec, stage.table, stage.ncols, stage.depth, weights, plan.consts[0], biases, x, out,
+                         mid, raw_out, raw_mid, sums, centers)
+        if stage.bn_parts:
             if group is not None:
                 lo, hi = stage.columns
                 _all_reduce(sums[lo:hi], group)
-            kbn.bn_apply(stage.table, stage.bn_grid, gammas, betas, centers, plan.consts[1], sums, saved,
+            kbn.bn_apply(stage.table, stage.splits, stage.bn_parts, gammas, betas, centers, plan.consts[1], sums, saved,
                          raw_out, raw_mid, out, mid)
     return out, raw_out, raw_mid, saved
 
@@ -326,9 +370,7 @@ def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, nee
     """Gradients of a training forward: (dx or None, weight gradient per problem ([ncols, cin,
     kh, kw], None for pools), bias gradient per problem ([ncols]), BN sums [2, columns])."""
     layout, dtype = plan.layout, raw_out.dtype
-    packed, _ = plan.pack(params)
-    weights, _, gammas, betas, _ = plan.sections_of(packed)
-    weights = weights.to(dtype)  # as eager autocast computes the convolutions
+    weights, gammas, betas = plan.backward_operands(params)
     acc = plan.consts.dtype
 
     # The intermediate results, recomputed: the convolutions' from their pre-activations, the
@@ -337,8 +379,8 @@ def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, nee
     if layout.mid_channels:
         mid = torch.empty_like(raw_mid)
         for stage in plan.stages:
-            if stage.mid_grid:
-                kbn.bn_apply(stage.table, stage.mid_grid, gammas, betas, gammas, plan.consts[1], saved, saved,
+            if stage.mid_parts:
+                kbn.bn_apply(stage.table, stage.splits, stage.mid_parts, gammas, betas, gammas, plan.consts[1], saved, saved,
                              raw_out, raw_mid, raw_out, mid, recompute=True)
         for index, p in enumerate(plan.problems):
             if not p.gemm and _has_mid_columns(p.row):
@@ -355,17 +397,16 @@ def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, nee
     grads_of = {kconv.BUF_OUT: grad_out, kconv.BUF_MID: d_mid}
     dz = {kconv.BUF_OUT: dz_out, kconv.BUF_MID: dz_mid}
     dx, weight_grads, bias_grads = None, [None] * len(plan.problems), [None] * len(plan.problems)
-    w_off = sum(p.ncols * p.k for p in plan.problems if p.gemm)
     for stage in reversed(plan.stages):
         reduced = sums
-        if stage.bn_grid:
-            kbn.bn_backward_reduce(stage.table, stage.bn_grid, gammas, betas, saved, sums, raw_out, raw_mid,
+        if stage.bn_parts:
+            kbn.bn_backward_reduce(stage.table, stage.splits, stage.bn_parts, gammas, betas, saved, sums, raw_out, raw_mid,
                                    grad_out, d_mid)
             if group is not None:  # synchronised BN: the input gradient needs the global sums
                 reduced = sums.clone()  # (the parameter gradients keep the local ones, as SyncBatchNorm's)
                 _all_reduce(reduced, group)  # this stage's columns are read; the others are small
-        if stage.gemm_grid:
-            kbn.bn_backward(stage.table, stage.gemm_grid, gammas, betas, saved, reduced, raw_out, raw_mid,
+        if stage.gemm_parts:
+            kbn.bn_backward(stage.table, stage.splits, stage.gemm_parts, gammas, betas, saved, reduced, raw_out, raw_mid,
                             grad_out, d_mid, dz_out, dz_mid)
         for j in reversed(range(len(stage.problems))):
             p, index = stage.problems[j], stage.first_problem + j
@@ -380,7 +421,6 @@ def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, nee
                         indices = None
                     dx = _accumulate(dx, _pool_backward(pool, x, indices, grad))
                 continue
-            w_off -= p.ncols * p.k
             gz = _columns(dz, row, 0, p.ncols)
             if row["res"]:  # relu?(x + scale * (conv + bias)): x gets the gradient itself
                 if need_x:
@@ -392,7 +432,7 @@ def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, nee
             else:
                 inp = sources[src][:, row["src_c"]:row["src_c"] + row["cin"]]
             need_input = src != kconv.BUF_X or need_x
-            weight = weights[w_off:w_off + p.ncols * p.k].view(p.ncols, row["cin"], row["kh"], row["kw"])
+            weight = weights[index].to(dtype)  # as eager autocast computes the convolutions
             d_inp, d_weight, bias_grads[index] = torch.ops.aten.convolution_backward(
                 gz, inp, weight, [p.ncols], [row["sh"], row["sw"]], [row["ph"], row["pw"]], [1, 1], False, [0, 0],
                 1, [need_input, True, True])

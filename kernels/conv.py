@@ -3,11 +3,11 @@
 A *stage* is a group of convolutions ("problems") that can run at the same time because none
 reads what another writes. Every problem is an implicit GEMM
 
-    M = batch * OH * OW   (output pixels)      N = Cout   (output channels)
-    K = KH * KW * Cin     (filter taps times input channels, tap-major)
+    M = batch * OH * OW   (output pixels)      N = ncols (output channels)
+    K = KH * KW * cin     (filter taps times input channels, tap-major)
 
-    for each output pixel m and output channel n:
-        acc = sum over taps (r, s) and channels c of  src[img, oh*SH - PH + r, ow*SW - PW + s, src_c + c] * w[(r*KW + s)*Cin + c, n]
+    for each output pixel m and output column n:
+        acc = sum over taps (r, s) and channels c of  src[img, oh*SH - PH + r, ow*SW - PW + s, src_c + c] * w[(r*KW + s)*cin + c, n]
         y   = acc * scale[n] + shift[n]          # folded BatchNorm and conv bias, in fp32
         y  += x[img, oh, ow, n] if RES           # Inception-ResNet: scale folded into scale/shift
         y   = max(y, 0) if RELU                  # NaN stays NaN, as in torch.relu
@@ -19,34 +19,51 @@ loaded: GoogLeNet's 3x3/s1/p1 max pool branch, Inception v3's average pool branc
 may also be the pool alone (no GEMM: the pooled channels are the result), as in the stride-2 max
 pool branch of Inception v3's grid-reduction blocks.
 
-The tensors a stage touches are three buffers addressed by strides, so NCHW and NHWC are both
-just a stride choice: `x` (the stage's block input), `out` (the block output) and `mid` (the
-intermediate results of the branches that go on). A problem reads a channel slice of one buffer
-and writes its first `split` columns to a slice of one buffer and the rest to a slice of another:
-that is how the merged 1x1 reductions of an Inception block send the `branch1` columns to the
-output and the reduce columns to `mid` in a single GEMM.
+The tensors a stage touches are three buffers: `x` (the stage's block input), `out` (the block
+output) and `mid` (the intermediate results of the branches that go on). A problem reads a
+channel slice of one buffer and writes its first `split` columns to a slice of one buffer and
+the rest to a slice of another: that is how the merged 1x1 reductions of an Inception block send
+the `branch1` columns to the output and the reduce columns to `mid` in a single GEMM.
 
-Problems are described by rows of a small int32 table on the device (built once per plan, see
-`fused_inception.plan`); the programs of one launch are split between the problems by their
-tile counts, so a stage is one launch however many convolutions it holds.
+What is compile-time and what is not. Triton only pipelines a K loop whose trip count and
+addresses it can reason about, and only issues 16-byte copies where it can prove 16-byte
+alignment. So a stage is described twice:
+
+- its *spec*, a tuple of `ProblemSpec` (one per problem; constexpr): the kind of problem, which
+  buffers it reads and writes, kernel size, stride, padding, pool, residual, ReLU, and `align`,
+  a power of two that divides every channel count, channel offset and channel-last row pitch
+  the problem touches (8 for every Inception network: their channel counts are multiples of 8).
+  The kernel unrolls a branch per problem (`tl.static_range`), each with one flat K loop over
+  (tap, channel chunk) whose loads sit directly in the loop body;
+- its *table*, an int32 row per problem on the device (`TABLE_FIELDS`): channel counts and
+  offsets, weight offsets. They are runtime values, so one compiled kernel serves every block
+  with the same geometry (all nine GoogLeNet blocks share their two stage kernels); `align`
+  tells the compiler what it may assume about them.
+
+Weights are packed by the plan as one [ncols, K] matrix per problem, K contiguous and ordered
+(tap, input channel) (nn.Conv2d's weight in channels_last order): the K-major operand wgmma
+reads natively, fp32 (TF32) included. Loads are masked on pixels (padding), channels
+(`c < cin`) and columns.
+
+Addresses are int32 unless a buffer has 2**31 elements or more (then int64: `INT64`).
 """
 
 import contextlib
+import os
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 import triton
 import triton.language as tl
 
-# Autotuning (CUDA only: the interpreter cannot benchmark). Every config is tested on its own by
-# the GPU test run; keep BLOCK_K >= 16 (fp16/bf16 dots need it on the GPU).
+# Autotuning (CUDA only: the interpreter cannot benchmark). Every config keeps BLOCK_M >= 64 and
+# 4 warps or more (a Hopper warp group: wgmma), BLOCK_K >= 16 (fp16/bf16 dots need it). fp32
+# operands halve BLOCK_K (see _k_block) so that the pipelined tiles fit in shared memory.
 CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=2, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
 ]
 # Under TRITON_INTERPRET=1 the cost is per program and per tl op, so fewer, larger tiles.
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}
@@ -54,10 +71,10 @@ INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}
 # True when the kernels in this module were decorated for Triton's CPU interpreter.
 INTERPRETING = bool(triton.knobs.runtime.interpret)
 
-# Buffer selectors used in the problem table.
+# Buffers.
 BUF_X = 0  # the stage input (the block input)
 BUF_OUT = 1  # the block output
-BUF_MID = 2  # intermediate results
+BUF_MID = 2  # intermediate results (always channels_last)
 
 # Pool kinds, for a pre-pool on a 1x1 problem's input or a pool-only problem.
 POOL_NONE = 0
@@ -65,76 +82,90 @@ POOL_MAX = 1
 POOL_AVG = 2  # count_include_pad=True: divide by the window size
 POOL_AVG_EXCLUDE_PAD = 3  # count_include_pad=False: divide by the taps inside the image
 
-# Columns of the problem table, one int32 row per problem.
-FIELDS = (
-    "src", "src_c", "cin",  # source buffer, first channel of the slice, channels read
-    "kh", "kw", "sh", "sw", "ph", "pw",  # filter size, stride, zero padding
-    "pool", "pkh", "pkw", "psh", "psw", "pph", "ppw",  # pool kind, window, stride, padding
-    "gemm",  # 1: convolution; 0: the pooled input channels are the result (ncols == cin)
-    "ncols", "w_off", "ss_off",  # output channels, offsets into the stage's weight and scale/shift
-    "w_sn", "w_sc", "w_st",  # weight strides along output channel, input channel and filter tap
-    "split", "dst0", "dst0_c", "dst1", "dst1_c",  # columns < split -> dst0 slice, others -> dst1
-    "res",  # 1: add x[img, oy, ox, col] before the ReLU (Inception-ResNet's residual)
-    "relu",
-    "bn",  # 1: training BatchNorm follows (see TRAIN in _conv_stage_kernel and kernels.batchnorm)
+# Problem kinds.
+KIND_GEMM = 0  # a convolution
+KIND_POOLED_GEMM = 1  # a 1x1 convolution of the pooled input
+KIND_POOL = 2  # the pooled input channels are the result (ncols == cin)
+KIND_GEMM_FLAT = 3  # a convolution of few input channels (a stem's 3): K flattened over (tap, channel)
+
+# The compile-time fields of a problem, in the order of a ProblemSpec tuple. Kernels index specs
+# with the I_* constants below (Triton 3.6 has no attribute access on constexpr tuples).
+SPEC_FIELDS = (
+    "kind", "src", "dst0", "dst1", "split",  # split: 1 if columns >= table's split go to dst1
+    "kh", "kw", "sh", "sw", "ph", "pw",  # convolution
+    "pool", "pkh", "pkw", "psh", "psw", "pph", "ppw",  # pre-pool or pool alone
+    "res", "relu", "bn",  # residual from x; ReLU; training BatchNorm follows (kernels.batchnorm)
+    "align",  # power of two (<= 8) dividing every channel count, offset and row pitch it touches
+    "walign",  # power of two (<= 8) dividing the problem's weight offset and row pitch
+    "dalign",  # power of two (<= 8) dividing its columns, split and destination channels and pitches
 )
-# Defaults of a row: a 1x1/stride-1 GEMM problem without pool or ReLU.
-ROW_DEFAULTS = dict(src=BUF_X, src_c=0, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, pool=POOL_NONE, pkh=1, pkw=1,
-                     psh=1, psw=1, pph=0, ppw=0, gemm=1, w_off=0, ss_off=0, w_sn=0, w_sc=0, w_st=0, res=0, relu=0,
-                     bn=0)
+I_KIND, I_SRC, I_DST0, I_DST1, I_SPLIT = (tl.constexpr(i) for i in range(5))
+I_KH, I_KW, I_SH, I_SW, I_PH, I_PW = (tl.constexpr(i) for i in range(5, 11))
+I_POOL, I_PKH, I_PKW, I_PSH, I_PSW, I_PPH, I_PPW = (tl.constexpr(i) for i in range(11, 18))
+I_RES, I_RELU, I_BN, I_ALIGN, I_WALIGN, I_DALIGN = (tl.constexpr(i) for i in range(18, 24))
+
+# The runtime fields of a problem: one int32 row of the stage's table.
+TABLE_FIELDS = ("cin", "ncols", "src_c", "split", "dst0_c", "dst1_c", "w_off", "w_ld", "ss_off")
+T_CIN, T_NCOLS, T_SRC_C, T_SPLIT, T_DST0_C, T_DST1_C, T_W_OFF, T_W_LD, T_SS_OFF = (tl.constexpr(i) for i in range(9))
+ROW = tl.constexpr(len(TABLE_FIELDS))
+
+# Inference plans round weight offsets and row pitches up to a multiple of this (16 bytes of bf16).
+W_ALIGN = 8
 
 
-def problem_row(**fields):
-    """One table row (a list in FIELDS order); cin, ncols, split, dst0, dst0_c, dst1, dst1_c are
-    required, and the weight strides w_sn, w_sc, w_st for a convolution."""
-    row = dict(ROW_DEFAULTS, **fields)
-    unknown = set(row) - set(FIELDS)
-    missing = [f for f in FIELDS if f not in row]
-    if unknown or missing:
-        raise ValueError(f"problem row: unknown fields {sorted(unknown)}, missing {missing}")
-    if row["gemm"] and not (row["w_sn"] and row["w_sc"] and row["w_st"]):
-        raise ValueError("problem row: a convolution needs its weight strides w_sn, w_sc, w_st")
-    return [int(row[f]) for f in FIELDS]
+def problem_spec(kind=KIND_GEMM, src=BUF_X, dst0=BUF_OUT, dst1=None, split=0, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0,
+                 pool=POOL_NONE, pkh=1, pkw=1, psh=1, psw=1, pph=0, ppw=0, res=0, relu=0, bn=0, align=1, walign=1,
+                 dalign=None):
+    """A ProblemSpec: the tuple of SPEC_FIELDS (ints), hashable and passed as a constexpr."""
+    return (int(kind), int(src), int(dst0), int(dst0 if dst1 is None else dst1), int(split), int(kh), int(kw),
+            int(sh), int(sw), int(ph), int(pw), int(pool), int(pkh), int(pkw), int(psh), int(psw), int(pph),
+            int(ppw), int(res), int(relu), int(bn), int(align), int(walign),
+            int(align if dalign is None else dalign))
 
 
-F_SRC = tl.constexpr(0)
-F_SRC_C = tl.constexpr(1)
-F_CIN = tl.constexpr(2)
-F_KH = tl.constexpr(3)
-F_KW = tl.constexpr(4)
-F_SH = tl.constexpr(5)
-F_SW = tl.constexpr(6)
-F_PH = tl.constexpr(7)
-F_PW = tl.constexpr(8)
-F_POOL = tl.constexpr(9)
-F_PKH = tl.constexpr(10)
-F_PKW = tl.constexpr(11)
-F_PSH = tl.constexpr(12)
-F_PSW = tl.constexpr(13)
-F_PPH = tl.constexpr(14)
-F_PPW = tl.constexpr(15)
-F_GEMM = tl.constexpr(16)
-F_NCOLS = tl.constexpr(17)
-F_W_OFF = tl.constexpr(18)
-F_SS_OFF = tl.constexpr(19)
-F_W_SN = tl.constexpr(20)
-F_W_SC = tl.constexpr(21)
-F_W_ST = tl.constexpr(22)
-F_SPLIT = tl.constexpr(23)
-F_DST0 = tl.constexpr(24)
-F_DST0_C = tl.constexpr(25)
-F_DST1 = tl.constexpr(26)
-F_DST1_C = tl.constexpr(27)
-F_RES = tl.constexpr(28)
-F_RELU = tl.constexpr(29)
-F_BN = tl.constexpr(30)
-NUM_FIELDS = tl.constexpr(len(FIELDS))
+def spec_field(spec, name):
+    return spec[SPEC_FIELDS.index(name)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Device code
 
 
 @triton.jit
-def _pick(sel, a, b, c):
-    """The value of buffer `sel` (BUF_X, BUF_OUT, BUF_MID) among three."""
-    return tl.where(sel == 0, a, tl.where(sel == 1, b, c))
+def _view(SEL: tl.constexpr, x_ptr, out_ptr, mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw,
+          o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc, X_CL: tl.constexpr, OUT_CL: tl.constexpr, MID_CL: tl.constexpr,
+          INT64: tl.constexpr):
+    """(pointer, H, W, stride N, stride H, stride W, stride C) of buffer SEL (BUF_X, BUF_OUT,
+    BUF_MID). A channels_last buffer (X_CL, OUT_CL, MID_CL: channel stride 1, row pitches
+    multiples of 8) has its pitches passed in units of 8 and its channel stride is the constant
+    1, so the compiler sees contiguous, 16-byte aligned channels. int64 strides when INT64."""
+    if SEL == 0:
+        ptr, h, w, s_n, s_h, s_w, s_c = x_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc
+        CL: tl.constexpr = X_CL
+    elif SEL == 1:
+        ptr, h, w, s_n, s_h, s_w, s_c = out_ptr, o_h, o_w, o_sn, o_sh, o_sw, o_sc
+        CL: tl.constexpr = OUT_CL
+    else:
+        ptr, h, w, s_n, s_h, s_w, s_c = mid_ptr, m_h, m_w, m_sn, m_sh, m_sw, m_sc
+        CL: tl.constexpr = MID_CL
+    if INT64:
+        s_n = s_n.to(tl.int64)
+        s_h = s_h.to(tl.int64)
+        s_w = s_w.to(tl.int64)
+        s_c = s_c.to(tl.int64)
+    if CL:
+        return ptr, h, w, s_n * 8, s_h * 8, s_w * 8, 1
+    else:
+        return ptr, h, w, s_n, s_h, s_w, s_c
+
+
+@triton.jit
+def _k_block(BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """The K chunk: BLOCK_K for 16-bit operands, half of it for fp32 (same bytes per tile)."""
+    if dtype.primitive_bitwidth > 16:
+        return BLOCK_K // 2
+    else:
+        return BLOCK_K
 
 
 @triton.jit
@@ -147,95 +178,259 @@ def _load_center(center_ptr, col, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _row_offset(img, y, x, s_n, s_h, s_w):
-    """Element offset of pixel (img, y, x) in int64: a batch of large maps passes 2**31 elements."""
-    return img.to(tl.int64) * s_n + y.to(tl.int64) * s_h + x.to(tl.int64) * s_w
-
-
-@triton.jit
-def _pooled_tile(src, img, y0, x0, h, w, s_n, s_h, s_w, col_off, m_ok, k_ok, pool, pkh, pkw, ACC: tl.constexpr):
-    """[rows, cols] tile (dtype ACC) of the pool whose windows start at (y0, x0): rows are output
-    pixels, cols the channels at offsets col_off. Taps outside the image never count (max) or
-    count as zeros (average including padding)."""
-    mx = tl.full((img.shape[0], col_off.shape[0]), float("-inf"), ACC)
-    total = tl.zeros((img.shape[0], col_off.shape[0]), ACC)
-    taps = tl.zeros((img.shape[0],), ACC)
-    for dy in range(pkh):
-        for dx in range(pkw):
+def _pooled(src, img_off, y0, x0, ih, iw, s_h, s_w, col, row_ok, col_ok,
+            POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, MAX_DTYPE: tl.constexpr):
+    """[rows, cols] tile of the pool whose windows start at (y0, x0), in the source dtype (max:
+    exact, taken in MAX_DTYPE; average: summed in fp32, rounded once, as ATen does). img_off is
+    each row's image offset (img * stride N). Taps outside the image never count (max) or count
+    as zeros (average including padding); rows or columns outside the problem are 0."""
+    if POOL == 1:
+        r = tl.full((y0.shape[0], col.shape[0]), float("-inf"), MAX_DTYPE)
+    else:
+        r = tl.zeros((y0.shape[0], col.shape[0]), tl.float32)
+        taps = tl.zeros((y0.shape[0],), tl.float32)
+    for dy in tl.static_range(PKH):
+        for dx in tl.static_range(PKW):
             y = y0 + dy
             x = x0 + dx
-            ok = m_ok & (y >= 0) & (y < h) & (x >= 0) & (x < w)
-            row = _row_offset(img, y, x, s_n, s_h, s_w)
-            mask = ok[:, None] & k_ok[None, :]
-            v = tl.load(src + row[:, None] + col_off[None, :], mask=mask, other=0.0).to(ACC)
-            # max_pool2d propagates NaN.
-            mx = tl.where(mask, tl.maximum(mx, v, propagate_nan=tl.PropagateNan.ALL), mx)
-            total += v
-            taps += ok.to(ACC)
-    taps = tl.maximum(taps, 1.0)  # rows outside the problem: any nonzero divisor
-    avg = total / tl.where(pool == 2, (pkh * pkw).to(ACC), taps)[:, None]
-    res = tl.where(pool == 1, mx, avg)
-    return tl.where(m_ok[:, None] & k_ok[None, :], res, 0.0)
-
-
-# Which problems a launch covers (see _locate).
-SELECT_ALL = 0  # every problem: the convolution stage
-SELECT_BN = 1  # problems with training BatchNorm (forward apply, backward reduction)
-SELECT_GEMM = 2  # convolutions (backward: the gradient of the pre-activation)
-SELECT_GEMM_MID = 3  # convolutions with columns in `mid` (backward: recompute the intermediate results)
+            ok = row_ok & (y >= 0) & (y < ih) & (x >= 0) & (x < iw)
+            mask = ok[:, None] & col_ok[None, :]
+            p = src + (img_off + y * s_h + x * s_w)[:, None] + col[None, :]
+            if POOL == 1:
+                v = tl.load(p, mask=mask, other=float("-inf")).to(MAX_DTYPE)
+                r = tl.maximum(r, v, propagate_nan=tl.PropagateNan.ALL)  # max_pool2d propagates NaN
+            else:
+                r += tl.load(p, mask=mask, other=0.0).to(tl.float32)
+                taps += ok.to(tl.float32)
+    if POOL == 2:
+        r = r / (PKH * PKW)
+    elif POOL == 3:
+        r = r / tl.maximum(taps, 1.0)[:, None]  # (rows outside the problem: any nonzero divisor)
+    r = tl.where(row_ok[:, None] & col_ok[None, :], r, 0.0)
+    return r.to(src.dtype.element_ty)
 
 
 @triton.jit
-def _selected(row, SELECT: tl.constexpr):
-    """1 if the problem at `row` (a table row pointer) belongs to launches of kind SELECT, else 0."""
-    if SELECT == 1:
-        chosen = tl.load(row + F_BN)
-    elif SELECT == 2:
-        chosen = tl.load(row + F_GEMM)
-    elif SELECT == 3:
-        to_mid = (tl.load(row + F_DST0) == 2) | ((tl.load(row + F_DST1) == 2)
-                                                 & (tl.load(row + F_SPLIT) < tl.load(row + F_NCOLS)))
-        chosen = tl.load(row + F_GEMM) * to_mid.to(tl.int32)
+def _dot(a, b, acc, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc + a @ b, with b rounded to a's dtype (training keeps fp32 weights under autocast: round
+    as eager does) and both in fp32 under the interpreter for bf16 (triton#11584)."""
+    if b.dtype != a.dtype:
+        b = b.to(a.dtype)
+    if DOT_IN_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def _problem(local, P: tl.constexpr, table_ptr, w_ptr, scale_ptr, shift_ptr, x_ptr, out_ptr, mid_ptr,
+             raw_out_ptr, raw_mid_ptr, stats_ptr, center_ptr, batch,
+             x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc,
+             KIND: tl.constexpr, SRC: tl.constexpr, DST0: tl.constexpr, DST1: tl.constexpr, SPLIT: tl.constexpr,
+             KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+             PW: tl.constexpr, POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, PSH: tl.constexpr,
+             PSW: tl.constexpr, PPH: tl.constexpr, PPW: tl.constexpr, RES: tl.constexpr, RELU: tl.constexpr,
+             BN: tl.constexpr, ALIGN: tl.constexpr, WALIGN: tl.constexpr, DALIGN: tl.constexpr,
+             X_CL: tl.constexpr, OUT_CL: tl.constexpr, MID_CL: tl.constexpr, INT64: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, TRAIN: tl.constexpr):
+    """Tile `local` of problem P: a [BLOCK_M pixels, BLOCK_N columns] block of its result."""
+    row = table_ptr + P * ROW
+    cin = tl.multiple_of(tl.load(row + T_CIN), ALIGN)
+    ncols = tl.multiple_of(tl.load(row + T_NCOLS), ALIGN)
+    src_c = tl.multiple_of(tl.load(row + T_SRC_C), ALIGN)
+    src, ih, iw, s_n, s_h, s_w, s_c = _view(SRC, x_ptr, out_ptr, mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
+                                            m_h, m_w, m_sn, m_sh, m_sw, m_sc, X_CL, OUT_CL, MID_CL, INT64)
+    dtype = src.dtype.element_ty
+    # (the interpreter has no bf16 constants: max pools of bf16 are taken in fp32 there)
+    MAX_DTYPE: tl.constexpr = tl.float32 if DOT_IN_FP32 else dtype
+
+    # Pixels: the output size is that of the destination (dst0 and dst1 agree: the plan checks).
+    if DST0 == 1:
+        oh = o_h
+        ow = o_w
     else:
-        chosen = 1
-    return chosen
+        oh = m_h
+        ow = m_w
+    m_total = batch * oh * ow
+    tiles_m = tl.cdiv(m_total, BLOCK_M)
+    pid_m = local % tiles_m  # M fastest: neighbouring programs share a weight tile
+    pid_n = local // tiles_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < m_total
+    n_ok = offs_n < ncols
+    img = offs_m // (oh * ow)
+    pix = offs_m % (oh * ow)
+    oy = pix // ow
+    ox = pix % ow
+    img_off = img * s_n  # (int64 when INT64: the strides are)
+
+    if KIND == 2:
+        # A pool alone: the result's columns are the pooled source channels, written as they
+        # come, a quarter of the tile's columns at a time (the window's loads stay in registers).
+        PN: tl.constexpr = min(BLOCK_N, 32)
+        dst0_c = tl.multiple_of(tl.load(row + T_DST0_C), DALIGN)
+        for j in tl.static_range(BLOCK_N // PN):
+            offs_c = pid_n * BLOCK_N + j * PN + tl.arange(0, PN)
+            c_ok = offs_c < ncols
+            pooled = _pooled(src, img_off, oy * PSH - PPH, ox * PSW - PPW, ih, iw, s_h, s_w, (src_c + offs_c) * s_c,
+                             m_ok, c_ok, POOL, PKH, PKW, MAX_DTYPE)
+            _store(DST0, dst0_c, c_ok, pooled, pooled, img, oy, ox, m_ok, offs_c, x_ptr, out_ptr, mid_ptr,
+                   raw_out_ptr, raw_mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h,
+                   m_w, m_sn, m_sh, m_sw, m_sc, KIND, 0, DALIGN, X_CL, OUT_CL, MID_CL, INT64, TRAIN)
+    else:
+        BK: tl.constexpr = _k_block(BLOCK_K, dtype)
+        offs_k = tl.arange(0, BK)
+        w_off = tl.multiple_of(tl.load(row + T_W_OFF), WALIGN)
+        w_ld = tl.multiple_of(tl.load(row + T_W_LD), WALIGN)
+        # [N, K] rows, K contiguous. Columns past ncols re-read the last row (in bounds; never
+        # stored) instead of a column mask: a 2-D mask or offset tile that doesn't change in the
+        # K loop would be hoisted out of it and held in registers for the whole loop.
+        w_row = w_off + tl.minimum(offs_n, ncols - 1) * w_ld
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        chunks = tl.cdiv(cin, BK)
+        if KIND == 1:
+            # A 1x1 convolution of the pooled input: each K chunk of A is the max/average of
+            # PKH x PKW shifted 16-byte loads, computed in registers. Not software-pipelined:
+            # async copies of every tap would need PKH x PKW tiles per pipeline stage in shared
+            # memory (over 300 KB for a 3x3 window at 128x128). A quarter of the K chunk keeps the
+            # window's loads in flight within the register budget.
+            PBK: tl.constexpr = BK // 4
+            offs_pk = tl.arange(0, PBK)
+            for c0 in tl.range(0, cin, PBK, num_stages=1):
+                ch = c0 + offs_pk
+                k_ok = ch < cin
+                a = _pooled(src, img_off, oy * PSH - PPH, ox * PSW - PPW, ih, iw, s_h, s_w, (src_c + ch) * s_c,
+                            m_ok, k_ok, POOL, PKH, PKW, MAX_DTYPE)
+                b = tl.load(w_ptr + ch[:, None] + w_row[None, :], mask=k_ok[:, None], other=0.0)
+                acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION, ACC)
+        elif KIND == 3:
+            # Few input channels: a K chunk per tap would be mostly padding, so K runs over
+            # (tap, channel) pairs and each A element is gathered from its own tap.
+            FBK: tl.constexpr = BK // 4
+            offs_fk = tl.arange(0, FBK)
+            k_total = KH * KW * cin
+            for k0 in tl.range(0, k_total, FBK, num_stages=1):
+                k = k0 + offs_fk
+                k_ok = k < k_total
+                tap = k // cin
+                c = k - tap * cin
+                r = tap // KW
+                y = (oy * SH - PH)[:, None] + r[None, :]
+                x = (ox * SW - PW)[:, None] + (tap - r * KW)[None, :]
+                ok = m_ok[:, None] & k_ok[None, :] & (y >= 0) & (y < ih) & (x >= 0) & (x < iw)
+                a = tl.load(src + img_off[:, None] + y * s_h + x * s_w + ((src_c + c) * s_c)[None, :], mask=ok,
+                            other=0.0)
+                b = tl.load(w_ptr + k[:, None] + w_row[None, :], mask=k_ok[:, None], other=0.0)
+                acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION, ACC)
+        else:
+            # One flat loop over (tap, channel chunk), loads in its body: what Triton pipelines.
+            for kk in range(KH * KW * chunks):
+                tap = kk // chunks
+                c0 = (kk - tap * chunks) * BK
+                ch = c0 + offs_k
+                k_ok = ch < cin
+                y = oy * SH - PH + tap // KW
+                x = ox * SW - PW + tap % KW
+                pix_ok = m_ok & (y >= 0) & (y < ih) & (x >= 0) & (x < iw)
+                a = tl.load(src + (img_off + y * s_h + x * s_w)[:, None] + ((src_c + ch) * s_c)[None, :],
+                            mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + ch[:, None] + (w_row + tap * cin)[None, :], mask=k_ok[:, None], other=0.0)
+                acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION, ACC)
+
+        # Epilogue while the accumulator is still wide. Inference: BN and bias folded into
+        # acc * scale + shift. Training: shift is the conv bias and scale the residual scale (1
+        # elsewhere), (acc + shift) * scale, and BatchNorm comes after (kernels.batchnorm).
+        ss_off = tl.load(row + T_SS_OFF)
+        scale = tl.load(scale_ptr + ss_off + offs_n, mask=n_ok, other=0.0).to(ACC)
+        shift = tl.load(shift_ptr + ss_off + offs_n, mask=n_ok, other=0.0).to(ACC)
+        if TRAIN:
+            acc = (acc + shift[None, :]) * scale[None, :]
+        else:
+            acc = acc * scale[None, :] + shift[None, :]
+        if RES:  # residual from the block input, same pixel and channel (x and the output share H, W)
+            xp, _xh, _xw, xs_n, xs_h, xs_w, xs_c = _view(0, x_ptr, out_ptr, mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
+                                                         m_h, m_w, m_sn, m_sh, m_sw, m_sc, X_CL, OUT_CL, MID_CL, INT64)
+            acc += tl.load(xp + (img * xs_n + oy * xs_h + ox * xs_w)[:, None] + (offs_n * xs_c)[None, :],
+                           mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
+        pre = acc.to(dtype)  # the pre-activation as stored (and as eager rounds it)
+        if TRAIN:
+            if BN:  # batch statistics of the stored values, summed over this tile's pixels
+                ss_col = ss_off + offs_n
+                center = _load_center(center_ptr, ss_col, n_ok, ACC)
+                v = tl.where(m_ok[:, None] & n_ok[None, :], pre.to(ACC) - center[None, :], 0.0)
+                tl.atomic_add(stats_ptr + ss_col * 3, tl.sum(v, 0), mask=n_ok)
+                tl.atomic_add(stats_ptr + ss_col * 3 + 1, tl.sum(v * v, 0), mask=n_ok)
+                tl.atomic_add(stats_ptr + ss_col * 3 + 2, tl.zeros((BLOCK_N,), ACC) + tl.sum(m_ok.to(ACC), 0), mask=n_ok)
+        if RELU:
+            acc = tl.where(acc < 0.0, 0.0, acc)  # (NaN < 0 is false: NaN stays)
+        y = acc.to(dtype)
+
+        if SPLIT:  # columns < split to dst0, the rest to dst1
+            split = tl.multiple_of(tl.load(row + T_SPLIT), DALIGN)
+            _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok & (offs_n < split), y, pre, img, oy, ox, m_ok, offs_n, x_ptr,
+                   out_ptr, mid_ptr, raw_out_ptr, raw_mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh,
+                   o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc, KIND, BN, DALIGN, X_CL, OUT_CL, MID_CL, INT64, TRAIN)
+            _store(DST1, tl.multiple_of(tl.load(row + T_DST1_C) - split, DALIGN), n_ok & (offs_n >= split), y, pre, img, oy, ox, m_ok, offs_n,
+                   x_ptr, out_ptr, mid_ptr, raw_out_ptr, raw_mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn,
+                   o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc, KIND, BN, DALIGN, X_CL, OUT_CL, MID_CL, INT64, TRAIN)
+        else:
+            _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok, y, pre, img, oy, ox, m_ok, offs_n, x_ptr, out_ptr, mid_ptr,
+                   raw_out_ptr, raw_mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w,
+                   m_sn, m_sh, m_sw, m_sc, KIND, BN, DALIGN, X_CL, OUT_CL, MID_CL, INT64, TRAIN)
 
 
 @triton.jit
-def _locate(pid, table_ptr, num_problems, batch, x_h, x_w, o_h, o_w, m_h, m_w,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SELECT: tl.constexpr):
-    """(problem, its first program) for program `pid`: the selected problems own consecutive
-    ranges of programs, ceil(M / BLOCK_M) * ceil(ncols / BLOCK_N) each, in table order."""
-    prob = pid * 0
-    first = pid * 0
-    seen = pid * 0
-    for p in range(num_problems):
-        row = table_ptr + p * NUM_FIELDS
-        dst = tl.load(row + F_DST0)
-        m_p = batch * _pick(dst, x_h, o_h, m_h) * _pick(dst, x_w, o_w, m_w)
-        tiles = tl.cdiv(m_p, BLOCK_M) * tl.cdiv(tl.load(row + F_NCOLS), BLOCK_N)
-        if SELECT != 0:
-            tiles *= _selected(row, SELECT)
-        seen += tiles
-        done = seen <= pid
-        prob += done.to(tl.int32)
-        first = tl.where(done, seen, first)
-    return prob, first
+def _store(DST: tl.constexpr, c_base, col_ok, y, pre, img, oy, ox, m_ok, offs_n, x_ptr, out_ptr, mid_ptr,
+           raw_out_ptr, raw_mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
+           m_h, m_w, m_sn, m_sh, m_sw, m_sc, KIND: tl.constexpr, BN: tl.constexpr, ALIGN: tl.constexpr,
+           X_CL: tl.constexpr, OUT_CL: tl.constexpr, MID_CL: tl.constexpr, INT64: tl.constexpr, TRAIN: tl.constexpr):
+    """Write the columns `col_ok` of a tile to buffer DST at channel c_base + column (training:
+    the pre-activations to DST's shadow too)."""
+    dst, _h, _w, d_n, d_h, d_w, d_c = _view(DST, x_ptr, out_ptr, mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
+                                            m_h, m_w, m_sn, m_sh, m_sw, m_sc, X_CL, OUT_CL, MID_CL, INT64)
+    col = c_base + offs_n  # (c_base carries its alignment hint: hints on a parameter are lost)
+    offset = (img * d_n + oy * d_h + ox * d_w)[:, None] + (col * d_c)[None, :]
+    mask = m_ok[:, None] & col_ok[None, :]
+    if TRAIN:
+        if KIND != 2:  # what the backward pass needs: the pre-activation (shadows: DST's strides)
+            if DST == 1:
+                tl.store(raw_out_ptr + offset, pre, mask=mask)
+            else:
+                tl.store(raw_mid_ptr + offset, pre, mask=mask)
+        if not BN:  # with BatchNorm the result is written by bn_apply once the statistics are complete
+            tl.store(dst + offset, y, mask=mask)
+    else:
+        tl.store(dst + offset, y, mask=mask)
 
 
-@triton.jit(do_not_specialize=["batch", "stats_cols", "tune_m", "tune_n", "tune_k"])
-def _conv_stage_kernel(
-    # problem table: int32 [num_problems, NUM_FIELDS]
-    table_ptr, num_problems,
-    # the stage's weights (problem p's element (n, c, tap) at w_off + n*w_sn + c*w_sc + tap*w_st),
-    # and per output column a scale and a shift (see the epilogue)
+@triton.jit
+def _tiles(P: tl.constexpr, DST0: tl.constexpr, table_ptr, batch, o_h, o_w, m_h, m_w,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Programs of problem P: ceil(M / BLOCK_M) * ceil(ncols / BLOCK_N)."""
+    if DST0 == 1:
+        m = batch * o_h * o_w
+    else:
+        m = batch * m_h * m_w
+    return tl.cdiv(m, BLOCK_M) * tl.cdiv(tl.load(table_ptr + P * ROW + T_NCOLS), BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["batch", "x_h", "x_w", "x_sn", "x_sh", "x_sw", "x_sc", "o_h", "o_w", "o_sn", "o_sh",
+                               "o_sw", "o_sc", "m_h", "m_w", "m_sn", "m_sh", "m_sw", "m_sc", "tune_m", "tune_n",
+                               "tune_k"])
+def _stage_kernel(
+    # problem table: int32 [len(SPEC), len(TABLE_FIELDS)]
+    table_ptr,
+    # the stage's packed weight matrices, and per output column a scale and a shift (see the epilogue)
     w_ptr, scale_ptr, shift_ptr,
-    # the three buffers, logical NCHW addressed through strides (n, h, w, c order below)
+    # the three buffers, logical NCHW addressed through strides (a channels_last buffer's row
+    # pitches in units of 8: see _view)
     x_ptr, out_ptr, mid_ptr,
-    # TRAIN only: shadows of `out` and `mid` (same strides) receiving the pre-activations, fp32
+    # TRAIN only: shadows of `out` and `mid` (same strides) receiving the pre-activations; fp32
     # [columns, 3] accumulators of (sum, sum of squares, count) of the pre-activations minus a
     # per-column centre (the running mean: it keeps the sum of squares free of cancellation)
-    raw_out_ptr, raw_mid_ptr, stats_ptr, center_ptr, stats_cols,
+    raw_out_ptr, raw_mid_ptr, stats_ptr, center_ptr,
     batch,
     x_h, x_w, x_sn, x_sh, x_sw, x_sc,
     o_h, o_w, o_sn, o_sh, o_sw, o_sc,
@@ -243,161 +438,34 @@ def _conv_stage_kernel(
     # autotune keys only (bucketed sizes of the stage), unused in the body
     tune_m, tune_n, tune_k,
     # meta-parameters
+    SPEC: tl.constexpr,  # tuple of problem specs (see SPEC_FIELDS)
+    X_CL: tl.constexpr, OUT_CL: tl.constexpr, MID_CL: tl.constexpr,  # channels_last, pitches multiples of 8
+    INT64: tl.constexpr,  # some buffer has 2**31 elements or more
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter with bf16)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
     ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 for float64 tensors)
-    TRAIN: tl.constexpr,  # training epilogue (see below)
+    TRAIN: tl.constexpr,  # training epilogue (see _problem)
 ):
-    tl.static_assert(BLOCK_K >= 16)
     pid = tl.program_id(0)
-    prob, first = _locate(pid, table_ptr, num_problems, batch, x_h, x_w, o_h, o_w, m_h, m_w, BLOCK_M, BLOCK_N, 0)
+    start = 0
+    for p in tl.static_range(len(SPEC)):
+        tiles = _tiles(p, SPEC[p][I_DST0], table_ptr, batch, o_h, o_w, m_h, m_w, BLOCK_M, BLOCK_N)
+        if (pid >= start) & (pid < start + tiles):
+            _problem(pid - start, p, table_ptr, w_ptr, scale_ptr, shift_ptr, x_ptr, out_ptr, mid_ptr,
+                     raw_out_ptr, raw_mid_ptr, stats_ptr, center_ptr, batch,
+                     x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc,
+                     SPEC[p][I_KIND], SPEC[p][I_SRC], SPEC[p][I_DST0], SPEC[p][I_DST1], SPEC[p][I_SPLIT],
+                     SPEC[p][I_KH], SPEC[p][I_KW], SPEC[p][I_SH], SPEC[p][I_SW], SPEC[p][I_PH], SPEC[p][I_PW],
+                     SPEC[p][I_POOL], SPEC[p][I_PKH], SPEC[p][I_PKW], SPEC[p][I_PSH], SPEC[p][I_PSW],
+                     SPEC[p][I_PPH], SPEC[p][I_PPW], SPEC[p][I_RES], SPEC[p][I_RELU], SPEC[p][I_BN],
+                     SPEC[p][I_ALIGN], SPEC[p][I_WALIGN], SPEC[p][I_DALIGN], X_CL, OUT_CL, MID_CL, INT64, BLOCK_M, BLOCK_N, BLOCK_K, DOT_IN_FP32,
+                     INPUT_PRECISION, ACC, TRAIN)
+        start += tiles
 
-    row = table_ptr + prob * NUM_FIELDS
-    src_sel = tl.load(row + F_SRC)
-    src_c = tl.load(row + F_SRC_C)
-    cin = tl.load(row + F_CIN)
-    kh = tl.load(row + F_KH)
-    kw = tl.load(row + F_KW)
-    sh = tl.load(row + F_SH)
-    sw = tl.load(row + F_SW)
-    ph = tl.load(row + F_PH)
-    pw = tl.load(row + F_PW)
-    pool = tl.load(row + F_POOL)
-    pkh = tl.load(row + F_PKH)
-    pkw = tl.load(row + F_PKW)
-    psh = tl.load(row + F_PSH)
-    psw = tl.load(row + F_PSW)
-    pph = tl.load(row + F_PPH)
-    ppw = tl.load(row + F_PPW)
-    gemm = tl.load(row + F_GEMM)
-    ncols = tl.load(row + F_NCOLS)
-    w_off = tl.load(row + F_W_OFF)
-    ss_off = tl.load(row + F_SS_OFF)
-    w_sn = tl.load(row + F_W_SN)
-    w_sc = tl.load(row + F_W_SC)
-    w_st = tl.load(row + F_W_ST)
-    split = tl.load(row + F_SPLIT)
-    dst0 = tl.load(row + F_DST0)
-    dst0_c = tl.load(row + F_DST0_C)
-    dst1 = tl.load(row + F_DST1)
-    dst1_c = tl.load(row + F_DST1_C)
-    res = tl.load(row + F_RES)
-    relu = tl.load(row + F_RELU)
-    bn = tl.load(row + F_BN) if TRAIN else 0
 
-    # Output geometry (dst0 and dst1 have the same spatial size: the plan guarantees it).
-    oh = _pick(dst0, x_h, o_h, m_h)
-    ow = _pick(dst0, x_w, o_w, m_w)
-    m_total = batch * oh * ow
-    tiles_m = tl.cdiv(m_total, BLOCK_M)
-    local = pid - first
-    pid_m = local % tiles_m  # M fastest: neighbouring programs share a weight tile
-    pid_n = local // tiles_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < m_total
-    n_ok = offs_n < ncols
-    img = offs_m // (oh * ow)
-    pix = offs_m % (oh * ow)
-    oy = pix // ow
-    ox = pix % ow
-
-    # Source buffer of this problem.
-    src = _pick(src_sel, x_ptr, out_ptr, mid_ptr)
-    ih = _pick(src_sel, x_h, o_h, m_h)
-    iw = _pick(src_sel, x_w, o_w, m_w)
-    s_n = _pick(src_sel, x_sn, o_sn, m_sn).to(tl.int64)
-    s_h = _pick(src_sel, x_sh, o_sh, m_sh).to(tl.int64)
-    s_w = _pick(src_sel, x_sw, o_sw, m_sw).to(tl.int64)
-    s_c = _pick(src_sel, x_sc, o_sc, m_sc).to(tl.int64)
-
-    # Where each output pixel's pool window starts (a pooled problem's conv is 1x1/s1/p0).
-    py0 = oy * psh - pph
-    px0 = ox * psw - ppw
-    if gemm == 0:
-        # Pool-only problem: the result's columns are the pooled source channels.
-        acc = _pooled_tile(src, img, py0, px0, ih, iw, s_n, s_h, s_w, (src_c + offs_n).to(tl.int64) * s_c,
-                           m_ok, n_ok, pool, pkh, pkw, ACC)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        w_tile = offs_k[:, None] * w_sc + offs_n[None, :] * w_sn  # weight offsets of the first K chunk
-        for tap in range(kh * kw):
-            r = tap // kw
-            s = tap % kw
-            y = oy * sh - ph + r
-            x = ox * sw - pw + s
-            pix_ok = m_ok & (y >= 0) & (y < ih) & (x >= 0) & (x < iw)
-            a_row = _row_offset(img, y, x, s_n, s_h, s_w)
-            w_tap = w_ptr + w_off + tap * w_st
-            for c0 in range(0, cin, BLOCK_K):
-                ch = c0 + offs_k
-                k_ok = ch < cin
-                a_col = (src_c + ch).to(tl.int64) * s_c
-                if pool == 0:
-                    a = tl.load(src + a_row[:, None] + a_col[None, :],
-                                mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                else:
-                    a = _pooled_tile(src, img, py0, px0, ih, iw, s_n, s_h, s_w, a_col, m_ok, k_ok,
-                                     pool, pkh, pkw, ACC).to(src.dtype.element_ty)
-                b = tl.load(w_tap + c0 * w_sc + w_tile, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                if b.dtype != a.dtype:  # training keeps fp32 weights under autocast: round as eager does
-                    b = b.to(a.dtype)
-                if DOT_IN_FP32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
-
-    # Epilogue while the accumulator is still wide. Inference: BN and bias folded into
-    # acc * scale + shift. Training: shift is the conv bias and scale the residual scale (1
-    # elsewhere), (acc + shift) * scale, and BatchNorm comes after (kernels.batchnorm).
-    scale = tl.load(scale_ptr + ss_off + offs_n, mask=n_ok, other=0.0).to(ACC)
-    shift = tl.load(shift_ptr + ss_off + offs_n, mask=n_ok, other=0.0).to(ACC)
-    if TRAIN:
-        out = (acc + shift[None, :]) * scale[None, :]
-    else:
-        out = acc * scale[None, :] + shift[None, :]
-    if res != 0:  # residual from the block input, same pixel and channel (x and out share H, W)
-        r_row = _row_offset(img, oy, ox, x_sn, x_sh, x_sw)
-        out += tl.load(x_ptr + r_row[:, None] + (offs_n.to(tl.int64) * x_sc)[None, :],
-                       mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
-    if TRAIN:
-        pre = out.to(x_ptr.dtype.element_ty)  # the pre-activation as stored (and as eager rounds it)
-        if bn != 0:  # batch statistics of the stored values, summed over this tile's pixels
-            center = _load_center(center_ptr, ss_off + offs_n, n_ok, ACC)
-            v = tl.where(m_ok[:, None] & n_ok[None, :], pre.to(ACC) - center[None, :], 0.0)
-            stat = stats_ptr + (ss_off + offs_n) * 3
-            tl.atomic_add(stat, tl.sum(v, 0), mask=n_ok)
-            tl.atomic_add(stat + 1, tl.sum(v * v, 0), mask=n_ok)
-            tl.atomic_add(stat + 2, tl.zeros((BLOCK_N,), ACC) + tl.sum(m_ok.to(ACC), 0), mask=n_ok)
-    out = tl.where((relu != 0) & (out < 0.0), 0.0, out)
-    out = out.to(x_ptr.dtype.element_ty)
-
-    for d in tl.static_range(2):
-        if d == 0:
-            sel = dst0
-            col = dst0_c + offs_n
-            col_ok = n_ok & (offs_n < split)
-        else:
-            sel = dst1
-            col = dst1_c + offs_n - split
-            col_ok = n_ok & (offs_n >= split)
-        dst = _pick(sel, x_ptr, out_ptr, mid_ptr)
-        d_n = _pick(sel, x_sn, o_sn, m_sn).to(tl.int64)
-        d_h = _pick(sel, x_sh, o_sh, m_sh).to(tl.int64)
-        d_w = _pick(sel, x_sw, o_sw, m_sw).to(tl.int64)
-        d_c = _pick(sel, x_sc, o_sc, m_sc).to(tl.int64)
-        offset = _row_offset(img, oy, ox, d_n, d_h, d_w)[:, None] + (col.to(tl.int64) * d_c)[None, :]
-        mask = m_ok[:, None] & col_ok[None, :]
-        if TRAIN:
-            if gemm != 0:  # what the backward pass needs: the pre-activation
-                tl.store(_pick(sel, x_ptr, raw_out_ptr, raw_mid_ptr) + offset, pre, mask=mask)
-            # With BatchNorm the result is written by the apply kernel once the statistics are complete.
-            tl.store(dst + offset, out, mask=mask & (bn == 0))
-        else:
-            tl.store(dst + offset, out, mask=mask)
+# ----------------------------------------------------------------------------------------------
+# Host side: autotuning, launches, the launch counter
 
 
 def _bucket(n):
@@ -405,15 +473,69 @@ def _bucket(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def configs_for(spec):
+    """The configs a stage of `spec` is tuned over: all of CONFIGS, but the smallest tile for a
+    stage with a few-channel convolution (KIND_GEMM_FLAT: its gathered A tile needs the registers
+    that larger tiles give to the accumulator)."""
+    if any(spec_field(p, "kind") == KIND_GEMM_FLAT for p in spec):
+        return [c for c in CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return CONFIGS
+
+
+def _prune(configs, named_args, **kwargs):
+    allowed = configs_for(kwargs["SPEC"])
+    return [c for c in configs if c in allowed]
+
+
+_TUNE_KEY = ["tune_m", "tune_n", "tune_k", "SPEC", "X_CL", "OUT_CL", "MID_CL", "INT64", "INPUT_PRECISION", "TRAIN"]
 if INTERPRETING:
-    _stage_kernel = _conv_stage_kernel
+    _eval_tuner = _train_tuner = None
 else:
-    # Benchmarking runs the kernel once per config: the training statistics are atomically
-    # accumulated, so they are zeroed before each trial (and before the real launch).
-    _stage_kernel = triton.autotune(configs=CONFIGS, key=["tune_m", "tune_n", "tune_k", "TRAIN", "ACC"],
-                                    reset_to_zero=["stats_ptr"])(_conv_stage_kernel)
+    _eval_tuner = triton.autotune(configs=CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
+        _stage_kernel)
+    # Benchmarking runs the kernel once per config: the training statistics are accumulated with
+    # atomics, so they are zeroed before each trial (and before the real launch).
+    _train_tuner = triton.autotune(configs=CONFIGS, key=_TUNE_KEY, reset_to_zero=["stats_ptr"],
+                                   prune_configs_by={"early_config_prune": _prune})(_stage_kernel)
+
+_pinned = None  # a triton.Config every launch uses instead of autotuning (pin_config)
+_pin_generation = 0  # changed by every pin_config: kernels picked before are picked again
+
+
+def pin_config(index):
+    """Make every stage launch use CONFIGS[index] (no autotuning); None restores autotuning.
+
+    For checking each config on its own (e.g. with outputs pre-filled with NaN), and for results
+    that don't depend on which config a process's autotuning picked (the K chunk decides the fp32
+    summation order). Also set by the environment variable FUSED_INCEPTION_CONFIG=<index>."""
+    global _pinned, _pin_generation
+    _pinned = None if index is None else CONFIGS[index]
+    _pin_generation += 1
+
+
+if os.environ.get("FUSED_INCEPTION_CONFIG", "") != "":
+    pin_config(int(os.environ["FUSED_INCEPTION_CONFIG"]))
 
 _launches = 0
+_recorder = None  # a list while recording (see recording())
+
+
+@contextlib.contextmanager
+def recording():
+    """Record the launches made inside the block instead of running them: yields a list that
+    receives (kernel, args, constexprs, configs) per launch (configs: the triton.Configs the
+    launch may run under). Kernels see CPU tensors as launchable while recording (nothing is
+    computed: outputs are left as allocated). For fused_inception.codegen."""
+    global _recorder
+    previous, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = previous
+
+
+def is_recording():
+    return _recorder is not None
 
 
 def launch_count():
@@ -434,9 +556,10 @@ def geometry(t):
 
 
 def hidden_from_dispatch():
-    """The interpreter emulates a launch with torch ops on the host; hide them from dispatch modes
-    (launch counters, tracers) as a GPU launch would be."""
-    return _disable_current_modes() if INTERPRETING else contextlib.nullcontext()
+    """Hide the torch ops a launch may run on the host from dispatch modes (launch counters,
+    tracers), as a GPU launch is hidden: the interpreter emulates launches with torch ops, and
+    the autotuner's benchmarking zeroes buffers and flushes the L2 cache with them."""
+    return _disable_current_modes()
 
 
 def accumulator(dtype):
@@ -444,65 +567,163 @@ def accumulator(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-_placeholders = {}
+def fp32_precision():
+    """"tf32" if eager fp32 convolutions may use TF32 now, else "ieee": the most specific of
+    torch's precision settings that says either (cuDNN conv, cuDNN, global: torch 2.9's API),
+    else the legacy flag torch.backends.cudnn.allow_tf32 (reading it raises once the new API
+    set different values for conv and RNN)."""
+    cudnn = torch.backends.cudnn
+    for scope in (getattr(cudnn, "conv", None), cudnn, torch.backends):
+        value = getattr(scope, "fp32_precision", None) if scope is not None else None
+        if value in ("tf32", "ieee"):
+            return value
+    if getattr(getattr(cudnn, "conv", None), "fp32_precision", None) == "none":
+        return "ieee"  # the new API is there and nothing asks for TF32
+    return "tf32" if cudnn.allow_tf32 else "ieee"
 
 
-def _placeholder(device):
-    """A one-element tensor passed for unused pointer arguments (never read or written)."""
-    if device not in _placeholders:
-        _placeholders[device] = torch.empty(1, device=device)
-    return _placeholders[device]
+def kernel_geometry(t, channels_last):
+    """(H, W, stride N, stride H, stride W, stride C) as the kernels take them: a channels_last
+    buffer's row pitches in units of 8 (see _view in the kernel)."""
+    s_n, s_c, s_h, s_w = t.stride()
+    if channels_last:
+        return (t.shape[2], t.shape[3], s_n // 8, s_h // 8, s_w // 8, 1)
+    return (t.shape[2], t.shape[3], s_n, s_h, s_w, s_c)
 
 
-def conv_stage(table, problems, weight, scale, shift, x, out, mid, raw_out=None, raw_mid=None, stats=None,
+def _channels_last(t):
+    """True if t's channels are contiguous and its row pitches multiples of 8: what the kernels'
+    alignment hints for a channels_last buffer assume (else they read it through its strides)."""
+    s_n, s_c, s_h, s_w = t.stride()
+    return (s_c == 1 or t.shape[1] == 1) and s_n % 8 == 0 and s_h % 8 == 0 and s_w % 8 == 0
+
+
+def conv_stage(spec, table, ncols, depth, weight, scale, shift, x, out, mid, raw_out=None, raw_mid=None, stats=None,
                center=None):
-    """Run one stage: every convolution in `table` in a single launch.
+    """Run one stage: every problem of `spec` in a single launch.
 
     Args:
-        table: int32 tensor [P, len(FIELDS)] on x's device, one row per problem (see FIELDS).
-        problems: host copy of what the grid needs, one (dst0 buffer, ncols, K) tuple per row.
-        weight: 1-D tensor; problem p's element (n, c, tap) is at w_off + n*w_sn + c*w_sc + tap*w_st
-            of its row (inference: [K, ncols] row-major with K ordered (tap, input channel); training:
-            nn.Conv2d's own [ncols, cin, kh, kw] layout). Loaded in its dtype, rounded to x's.
+        spec: tuple of ProblemSpec (see problem_spec and SPEC_FIELDS), one per problem.
+        table: int32 tensor [len(spec), len(TABLE_FIELDS)] on x's device (see TABLE_FIELDS).
+        ncols, depth: host copies, per problem: output columns (the launch grid) and GEMM depth
+            kh*kw*cin (the autotune key).
+        weight: 1-D tensor of packed weight matrices: problem p's element (k, n) at
+            w_off + n * w_ld + k of its row (an [ncols, K] matrix with row pitch w_ld, K ordered
+            (tap, input channel): nn.Conv2d's weight in channels_last order). Loaded in its
+            dtype, rounded to x's.
         scale, shift: 1-D tensors; problem p's columns start at its row's ss_off.
         x, out, mid: 4-D logical NCHW tensors of one floating dtype (fp32, fp16 or bf16; float64
-            is accepted for tests) with any strides (NHWC, i.e. channels_last, coalesces); `mid`
-            may be `out` when unused. `out`/`mid` slices named by the table are overwritten.
+            is accepted for tests), any strides (channels_last is the fast path); `mid` may be
+            `out` when unused. `out`/`mid` slices named by the table are overwritten.
         raw_out, raw_mid, stats, center: training only (all or none): tensors shaped like `out`
             and `mid` (same strides) that receive the pre-activations of the convolutions; a
             zero-initialised [columns, 3] tensor of the accumulator dtype that receives, per
-            column of the problems whose row has `bn`, the sum and the sum of squares of
+            column of the problems whose spec has `bn`, the sum and the sum of squares of
             (pre-activation - center[column]) and the count over the batch; and the 1-D
             centres (any float dtype; the running means). Those problems' results are not
             written to `out`/`mid` (kernels.batchnorm.bn_apply does it).
+
+    Example (one 1x1 convolution of x's 16 channels into out's first 32):
+        >>> spec = (problem_spec(),)
+        >>> table = torch.tensor([[16, 32, 0, 32, 0, 0, 0, 16, 0]], dtype=torch.int32, device="cuda")
+        >>> conv_stage(spec, table, (32,), (16,), w, scale, shift, x, out, out)  # w: [32, 16] flattened
     """
-    batch = x.shape[0]
-    hw = {BUF_X: x.shape[2] * x.shape[3], BUF_OUT: out.shape[2] * out.shape[3],
-          BUF_MID: mid.shape[2] * mid.shape[3]}
-    if batch == 0:
+    if x.shape[0] == 0:
         return
-    train = stats is not None
-    if not train:
-        raw_out, raw_mid, stats, center = out, mid, _placeholder(x.device), _placeholder(x.device)
+    StageLaunch(spec, table, ncols, depth, weight, scale, shift, x, out, mid, training=stats is not None)(
+        x, out, mid, raw_out, raw_mid, stats, center)
 
-    def grid(meta):
-        return (sum(triton.cdiv(batch * hw[dst], meta["BLOCK_M"]) * triton.cdiv(ncols, meta["BLOCK_N"])
-                    for dst, ncols, _ in problems),)
 
-    dot_in_fp32 = INTERPRETING and x.dtype == torch.bfloat16  # triton#11584: bf16 dot is wrong there
-    precision = "tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32) else "ieee"
-    meta = {} if not INTERPRETING else dict(INTERPRETER_CONFIG)
-    with hidden_from_dispatch():
-        _stage_kernel[grid](
-            table, table.shape[0],
-            weight, scale, shift,
-            x, out, mid,
-            raw_out, raw_mid, stats, center, stats.shape[0],
-            batch,
-            *geometry(x), *geometry(out), *geometry(mid),
-            _bucket(batch * max(hw.values())), _bucket(sum(p[1] for p in problems)),
-            _bucket(max(p[2] for p in problems)),
-            DOT_IN_FP32=dot_in_fp32, INPUT_PRECISION=precision, ACC=accumulator(x.dtype), TRAIN=train,
-            **meta,
-        )
-    count_launch()
+class StageLaunch:
+    """The launch of one stage for buffers of one shape and layout: what doesn't change from call
+    to call (the stage's tensors, sizes, strides, constexprs, the grid and, on a GPU, the kernel
+    the autotuner picked) worked out once; calling it launches on the given buffers. The cost
+    of a launch after the first is a few microseconds of host time (a plan keeps one per input
+    shape: fused_inception.plan.Plan.run).
+
+    Build it with buffers of the shape and strides the calls will pass (see conv_stage for the
+    arguments); x may later come at another 16-byte alignment (it is checked per call)."""
+
+    __slots__ = ("spec", "head", "tail", "consts", "sizes", "ncols", "configs", "device", "compiled", "grid", "meta",
+                 "training", "scale", "fp32", "pin")
+
+    def __init__(self, spec, table, ncols, depth, weight, scale, shift, x, out, mid, training=False):
+        batch = x.shape[0]
+        o_hw = out.shape[2] * out.shape[3]
+        m_hw = mid.shape[2] * mid.shape[3]
+        dtype = x.dtype
+        x_cl, out_cl, mid_cl = _channels_last(x), _channels_last(out), _channels_last(mid)
+        self.spec, self.ncols, self.training, self.scale = spec, tuple(ncols), training, scale
+        self.head = (table, weight, scale, shift)
+        self.tail = (batch, *kernel_geometry(x, x_cl), *kernel_geometry(out, out_cl), *kernel_geometry(mid, mid_cl),
+                     _bucket(batch * max(x.shape[2] * x.shape[3], o_hw, m_hw)), _bucket(sum(ncols)),
+                     _bucket(max(depth)))
+        self.consts = dict(
+            SPEC=spec, X_CL=x_cl, OUT_CL=out_cl, MID_CL=mid_cl,
+            INT64=max(x.numel(), out.numel(), mid.numel()) >= 2**31,
+            DOT_IN_FP32=INTERPRETING and dtype == torch.bfloat16,  # triton#11584: bf16 dot is wrong there
+            INPUT_PRECISION=fp32_precision() if dtype == torch.float32 else "ieee",
+            ACC=accumulator(dtype), TRAIN=training)
+        self.sizes = tuple(batch * (o_hw if spec_field(p, "dst0") == BUF_OUT else m_hw) for p in spec)
+        self.configs = [_pinned] if _pinned is not None else configs_for(spec)
+        self.device = x.device
+        self.fp32 = dtype == torch.float32
+        self.pin = _pin_generation
+        self.compiled = self.grid = self.meta = None
+
+    def _grid(self, meta):
+        return (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+                    for m, n in zip(self.sizes, self.ncols)),)
+
+    def __call__(self, x, out, mid, raw_out=None, raw_mid=None, stats=None, center=None):
+        if not self.training:
+            raw_out, raw_mid, stats, center = out, mid, self.scale, self.scale  # unused: any tensor
+        if (self.compiled is not None and x.data_ptr() % 16 == 0 and self.pin == _pin_generation
+                and (not self.fp32 or fp32_precision() == self.consts["INPUT_PRECISION"])):
+            if self.device.index != torch.cuda.current_device():
+                with torch.cuda.device(self.device):
+                    self.compiled[self.grid](*self.head, x, out, mid, raw_out, raw_mid, stats, center, *self.tail,
+                                             *self.meta)
+            else:
+                self.compiled[self.grid](*self.head, x, out, mid, raw_out, raw_mid, stats, center, *self.tail,
+                                         *self.meta)
+            count_launch()
+            return
+        args = (*self.head, x, out, mid, raw_out, raw_mid, stats, center, *self.tail)
+        if self.fp32:  # TF32 or not, as eager convolutions now
+            self.consts["INPUT_PRECISION"] = fp32_precision()
+        self.pin = _pin_generation
+        self.configs = [_pinned] if _pinned is not None else configs_for(self.spec)
+        if _recorder is not None:
+            _recorder.append((_stage_kernel, args, dict(self.consts), list(self.configs)))
+        elif INTERPRETING:
+            with hidden_from_dispatch():
+                _stage_kernel[self._grid](*args, **self.consts, **INTERPRETER_CONFIG)
+        else:
+            self._first_launch(args, x)
+        count_launch()
+
+    def _first_launch(self, args, x):
+        """Through Triton: autotuning (the configs benchmarked, hidden from dispatch modes such as
+        launch counters) and compiling; the kernel it picks is kept for the next calls (unless x
+        was not 16-byte aligned: the kernel would then assume what later inputs may not give)."""
+        guard = (torch.cuda.device(self.device) if self.device.index != torch.cuda.current_device()
+                 else contextlib.nullcontext())
+        with guard, hidden_from_dispatch():
+            config = _pinned
+            if config is not None:
+                compiled = _stage_kernel[self._grid](*args, **self.consts, **config.all_kwargs())
+            else:
+                tuner = _train_tuner if self.training else _eval_tuner
+                compiled = tuner[self._grid](*args, **self.consts)
+                config = tuner.best_config
+        if x.data_ptr() % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in args[:11]):
+            self.compiled, self.grid = compiled, self._grid(config.kwargs)
+            meta = dict(self.consts, **config.kwargs)
+            self.meta = tuple(meta[name] for name in _STAGE_META)
+
+
+# The constexpr parameters of _stage_kernel after the runtime ones, in signature order (a compiled
+# kernel's launcher takes every argument).
+_STAGE_META = ("SPEC", "X_CL", "OUT_CL", "MID_CL", "INT64", "BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_IN_FP32",
+               "INPUT_PRECISION", "ACC", "TRAIN")

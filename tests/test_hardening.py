@@ -15,22 +15,43 @@ from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, build_plan
 
 
 @triton.jit
-def _offsets_kernel(out_ptr, img_ptr, s_n, s_h, s_w, BLOCK: tl.constexpr):
+def _offsets_kernel(out_ptr, img_ptr, s_n, s_h, s_w, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """Pixel offsets as the stage kernel computes them: strides from kconv._view (x's, NCHW-style
+    strides so that no channels_last scaling applies), then img * s_n + y * s_h + x * s_w."""
     i = tl.arange(0, BLOCK)
     img = tl.load(img_ptr + i)
-    tl.store(out_ptr + i, kconv._row_offset(img, img + 1, img + 2, s_n, s_h, s_w))
+    one = s_w // s_w  # (a runtime 1: _view casts its strides)
+    _p, _h, _w, sn, sh, sw, _c = kconv._view(0, out_ptr, out_ptr, out_ptr, one, one, s_n, s_h, s_w, one, one, one, one,
+                                             one, one, one, one, one, one, one, one, one, False, False, False, INT64)
+    tl.store(out_ptr + i, img * sn + (img + 1) * sh + (img + 2) * sw)
 
 
-def test_pixel_offsets_are_int64():
-    """The offset helper every load and store uses, with strides that fit int32 but whose
-    products pass 2**31 (a batch of large maps): no wrap-around."""
+def test_pixel_offsets_are_int64_when_asked():
+    """With INT64 the offsets of a batch of large maps pass 2**31 without wrapping (the launcher
+    asks for INT64 when a buffer is that large: next test)."""
     img = torch.arange(8, dtype=torch.int32)
     out = torch.zeros(8, dtype=torch.int64)
     s_n, s_h, s_w = 2**30 + 7, 2**20 + 3, 2**10 + 1
-    _offsets_kernel[(1,)](out, img, s_n, s_h, s_w, BLOCK=8)
+    _offsets_kernel[(1,)](out, img, s_n, s_h, s_w, INT64=True, BLOCK=8)
     expected = [i * s_n + (i + 1) * s_h + (i + 2) * s_w for i in range(8)]
     assert out.tolist() == expected
     assert max(expected) > 2**31
+
+
+@pytest.mark.parametrize("big", ["x", "out", "none"])
+def test_launcher_asks_for_int64_past_2_31_elements(big):
+    """conv_stage compiles the int64 variant exactly when some buffer has 2**31 elements or more
+    (recorded on meta tensors: nothing is allocated)."""
+    small, large = (2, 16, 8, 8), (2, 16, 2**14, 2**13)  # 2**32 elements
+    x = torch.empty(large if big == "x" else small, device="meta")
+    out = torch.empty(large if big == "out" else small, device="meta")
+    spec = (kconv.problem_spec(),)
+    table = torch.zeros(1, len(kconv.TABLE_FIELDS), dtype=torch.int32, device="meta")
+    with kconv.recording() as launches:
+        kconv.conv_stage(spec, table, (16,), (16,), torch.empty(256, device="meta"), torch.empty(16, device="meta"),
+                         torch.empty(16, device="meta"), x, out, out)
+    (_, _, consts, _), = launches
+    assert consts["INT64"] == (big != "none")
 
 
 ARGS = (24, 8, 8, 16, 4, 8, 8)

@@ -82,17 +82,21 @@ def test_block_training_matches_torchvision(shape, memory_format, device):
     assert int(fused.branch1.bn.num_batches_tracked) == 2
 
 
-def test_train_launches_per_googlenet_block(interpreter_launches):
+@pytest.mark.parametrize("weights", ["contiguous", "channels_last"])
+def test_train_launches_per_googlenet_block(interpreter_launches, weights):
     """A GoogLeNet block in train mode: forward = 4 launches of our kernels (per stage: the
     convolutions with the BN statistics, then normalise + ReLU into the output slices) + 3 torch
     kernels (one cat packs the parameters and zeroes the statistics; _foreach_add_ and
-    _foreach_lerp_ update num_batches_tracked and the running stats) against torchvision's 26.
-    Backward: 5 launches of ours (recompute the intermediate results; per stage the BN+ReLU
-    reduction and gradient) + 16 torch kernels (4 convolution backwards, the rest small copies
-    and adds) against eager's 23."""
+    _foreach_lerp_ update num_batches_tracked and the running stats) against torchvision's 26,
+    plus one copy per 3x3 conv whose weight is not channels_last (the kernel reads weights in
+    [cout, kh, kw, cin] order). Backward: 5 launches of ours (recompute the intermediate results;
+    per stage the BN+ReLU reduction and gradient) + 16 torch kernels (4 convolution backwards,
+    the rest small copies and adds) against eager's 23."""
     ref, fused = pair(1)
     ref.train()
     fused.train()
+    if weights == "channels_last":
+        fused.to(memory_format=torch.channels_last)
     x = torch.randn(2, ARGS[0], 5, 5, requires_grad=True)
     fused(x).sum().backward()  # first step: builds the training plan
     fused.zero_grad()
@@ -100,11 +104,14 @@ def test_train_launches_per_googlenet_block(interpreter_launches):
     with count_launches() as n, count_torch_kernels() as k:
         y = fused(x)
     assert n.value == 4 and len(interpreter_launches) == 4
-    assert sorted(k.names) == ["_foreach_add_", "_foreach_lerp_", "cat"]
+    copies = ["clone", "clone"] if weights == "contiguous" else []  # the two 3x3 convs' weights
+    assert sorted(k.names) == ["_foreach_add_", "_foreach_lerp_", "cat"] + copies
     with count_torch_kernels() as eager:
         yr = ref(x)
     assert eager.value == 26  # 6 conv, 6 batch norm, 6 ReLU, 6 num_batches_tracked += 1, pool, cat
 
+    if weights == "channels_last":
+        return  # (backward: autograd copies the gradients into the parameters' layout)
     g = torch.randn_like(y)
     with count_launches() as nb, count_torch_kernels() as kb:
         y.backward(g)
@@ -124,7 +131,7 @@ def test_block_without_batchnorm_needs_one_launch_per_stage():
     fused.train()(x)  # plan
     with count_launches() as n, count_torch_kernels() as k:
         fused(x)
-    assert n.value == 2 and k.names == ["cat"]
+    assert n.value == 2 and k.names == ["clone", "clone", "cat"]  # (the 3x3 and 5x5 weights, repacked)
     check_training_parity(ref, fused, x)
 
 
