@@ -1,0 +1,377 @@
+"""What a fused model's kernels compile to on Hopper (sm_90), without a GPU.
+
+Triton compiles for sm_90 on any machine, with the ptxas in its wheel. This module runs a
+forward of a fused model (and in train() its backward) with kernel launches *recorded* instead
+of run (`fused_inception.kernels.conv.recording`), compiles every distinct kernel variant under
+every autotune config with the specialisation Triton's JIT would give those arguments (pointers
+16-byte aligned; the kernels' integer arguments are not specialised), and reads the result:
+
+    wgmma / mma.sync      tensor-core instructions (wgmma: Hopper's warp-group MMA)
+    cp.async (bytes)      asynchronous global->shared copies and their widths (16 = 128-bit)
+    tma                   bulk tensor copies
+    ld.global v4/v2/1     register loads by vector width
+    pipelined loops       K loops (loops around an MMA) whose copies are asynchronous with at
+                          least one more stage in flight (an async wait leaving copies pending)
+    regs, spills          from ptxas -v
+    shared                bytes of shared memory per program
+
+    python -m fused_inception.codegen --model googlenet --dtype bf16 --batch 32 [--train]
+
+prints a row per kernel and config, the number of distinct kernels and the compile time;
+`check_marks` says which kernel misses which mark (see `MARKS`). Run with TRITON_INTERPRET unset
+(the CLI restarts itself without it).
+
+Example:
+    >>> from fused_inception.codegen import compile_kernels, kernel_stats
+    >>> for label, kernel in compile_kernels(model, x):   # model fused, x on the CPU
+    ...     print(label, kernel_stats(kernel))
+"""
+
+import argparse
+import collections
+import copy
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from fused_inception.kernels import conv as kconv
+
+HOPPER = (90, 32)  # (compute capability, warp size)
+MAX_SHARED = 232448  # bytes of shared memory a Hopper program may use (227 KB)
+
+MARKS = """\
+stage kernels (convolutions): wgmma (16-bit operands or TF32); every K loop of a convolution
+  software-pipelined (async copies, >= 2 stages in flight); every async copy 16 bytes; 0 bytes
+  spilled; shared memory <= 227 KB. A 1x1 convolution of a pooled input builds its A tile from
+  the window's shifted loads in registers: its loop is not pipelined by design, its loads must
+  be 16 bytes wide where the channels allow (align 8).
+  Problems whose channels are not multiples of 8 (stems with 3 input channels): 0 bytes spilled.
+BatchNorm kernels: 0 bytes spilled; 16-byte loads where the channels allow."""
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                  torch.int32: "i32", torch.int64: "i64"}
+
+
+def _signature(kernel, args, consts):
+    """(signature, constexprs, attrs) as Triton's JIT specialises these arguments: pointers
+    16-byte aligned (data_ptr % 16, taken as true for tensors that were never allocated, e.g.
+    recorded outputs), integers as i32/i64 (the kernels mark them do_not_specialize)."""
+    names = kernel.arg_names
+    runtime = [n for n in names if n not in consts]
+    if len(runtime) != len(args):
+        raise ValueError(f"{kernel.__name__}: {len(args)} arguments for {len(runtime)} runtime parameters")
+    values = dict(zip(runtime, args), **consts)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        v = values[name]
+        if name in consts:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = v
+        elif isinstance(v, torch.Tensor):
+            signature[name] = "*" + _TRITON_DTYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32" if -2**31 <= int(v) < 2**31 else "i64"
+    return signature, constexprs, attrs
+
+
+def _label(kernel, consts, config):
+    """A short name: the kernel, its problems (stage kernel) or parts (BatchNorm), the config."""
+    name = kernel.__name__.lstrip("_").replace("_kernel", "")
+    if "SPEC" in consts:
+        problems = []
+        for spec in consts["SPEC"]:
+            f = dict(zip(kconv.SPEC_FIELDS, spec))
+            kind = {kconv.KIND_GEMM: f"{f['kh']}x{f['kw']}" + (f"/s{f['sh']}" if max(f["sh"], f["sw"]) > 1 else ""),
+                    kconv.KIND_POOLED_GEMM: "pool+1x1", kconv.KIND_POOL: "pool",
+                    kconv.KIND_GEMM_FLAT: f"{f['kh']}x{f['kw']}" + (f"/s{f['sh']}" if max(f["sh"], f["sw"]) > 1 else "")
+                    + " flat"}[f["kind"]]
+            problems.append(f"{kind}@{f['align']}")
+        name += "[" + ",".join(problems) + "]" + (" train" if consts.get("TRAIN") else "")
+    elif "PARTS" in consts:
+        name += f"[{len(consts['PARTS'])} parts]"
+        for flag in ("RECOMPUTE", "REDUCE"):
+            if consts.get(flag):
+                name += " " + flag.lower()
+    blocks = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in config.kwargs)
+    return f"{name} {blocks} w{config.num_warps} s{config.num_stages}".replace("  ", " ")
+
+
+def _dtype_name(consts, args):
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() == 4:
+            return _TRITON_DTYPES[a.dtype]
+    return "?"
+
+
+def record_launches(model, x):
+    """The launches a forward of `model` on `x` makes (and, in train(), its backward): a list of
+    (kernel, args, constexprs, configs). `model` and `x` are deep-copied to the CPU first (no
+    kernel runs; other ops do, on the CPU)."""
+    model = copy.deepcopy(model).cpu()
+    x = x.detach().cpu()
+    with kconv.recording() as launches:
+        if model.training:
+            x = x.requires_grad_(x.is_floating_point())
+            out = model(x)
+            out = out[0] if isinstance(out, tuple) else out
+            out.float().sum().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return launches
+
+
+def _jobs(launches):
+    """The distinct compilations of recorded launches: (label, kernel, signature, constexprs,
+    attrs, num_warps, num_stages, metadata)."""
+    seen, jobs = set(), []
+    for kernel, args, consts, configs in launches:
+        for config in configs:
+            signature, constexprs, attrs = _signature(kernel, args, dict(consts, **config.kwargs))
+            key = (kernel.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())),
+                   repr(sorted(attrs.items())), config.num_warps, config.num_stages)
+            if key in seen:
+                continue
+            seen.add(key)
+            dtype = _dtype_name(consts, args)
+            jobs.append((f"{_label(kernel, consts, config)} {dtype}", kernel, signature, constexprs, attrs,
+                         config.num_warps, config.num_stages, dict(consts, dtype=dtype)))
+    return jobs
+
+
+def _compile(kernel, signature, constexprs, attrs, num_warps, num_stages, target=HOPPER):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", *target),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _compile_in_worker(job):
+    """(worker process) compile one job into Triton's cache; the kernel is found by name."""
+    module, name, *rest = job
+    import importlib
+
+    kernel = getattr(importlib.import_module(module), name)
+    start = time.perf_counter()
+    _compile(kernel, *rest)
+    return time.perf_counter() - start
+
+
+def compile_kernels(model, x, target=HOPPER, workers=1):
+    """Every kernel variant a forward of `model` on `x` would launch on an sm_90 GPU (eval; or in
+    train() the training forward and backward), under every autotune config, compiled as the
+    JIT would: a list of (label, triton CompiledKernel), one per distinct variant and config.
+
+    `model` is a fused model (fused blocks, `fuse()`, `fused_inception.models`); `x` any input it
+    takes (its device and values don't matter; its dtype, layout and size do: channels_last
+    inputs give the channels_last variants). Autocast (CPU) applies as usual. `workers` > 1
+    compiles in that many processes first (they fill Triton's cache; the kernels are then read
+    from it). The kernels land in Triton's cache (TRITON_CACHE_DIR), where the JIT of a GPU
+    process with the same Triton finds them: this is also a parallel warm-up."""
+    if kconv.INTERPRETING:
+        raise RuntimeError("fused_inception.codegen needs Triton's compiler: unset TRITON_INTERPRET before "
+                           "importing fused_inception")
+    jobs = _jobs(record_launches(model, x))
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        specs = [(k.__module__, k.__name__, sig, const, attrs, w, s, target)
+                 for _, k, sig, const, attrs, w, s, _ in jobs]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_compile_in_worker, specs))
+    out = []
+    for label, kernel, signature, constexprs, attrs, num_warps, num_stages, meta in jobs:
+        compiled = _compile(kernel, signature, constexprs, attrs, num_warps, num_stages, target)
+        compiled.fused_inception_meta = meta
+        out.append((label, compiled))
+    return out
+
+
+def _ptxas_usage(ptx, arch="sm_90a"):
+    """(registers, spill store bytes) from ptxas -v."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", path, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True).stderr
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    return (int(regs[-1]) if regs else None), (int(spills[-1]) if spills else 0)
+
+
+def _loops(ttgir):
+    """Per scf.for that contains an MMA (a K loop): (async copies in it, smallest async_wait
+    count in it, MMA ops in it)."""
+    lines = ttgir.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if "scf.for" not in line or "=" not in line:
+            continue
+        depth, body = 0, []
+        for other in lines[i:]:
+            depth += other.count("{") - other.count("}")
+            body.append(other)
+            if depth <= 0 and len(body) > 1:
+                break
+        text = "\n".join(body[1:])
+        mmas = len(re.findall(r"warp_group_dot |tt\.dot |ttng\.warp_group_dot\b", text))
+        if not mmas:
+            continue
+        waits = [int(n) for n in re.findall(r"async_wait[^{]*\{num = (\d+)", text)]
+        copies = len(re.findall(r"async_copy_global_to_local|async_tma_copy", text))
+        inner = text.count("scf.for")
+        if inner:  # an outer loop: its inner loops are counted on their own
+            continue
+        found.append((copies, min(waits) if waits else None, mmas))
+    return found
+
+
+def kernel_stats(compiled):
+    """The counts described in the module docstring, as a dict, for one compiled kernel."""
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    cp_bytes = collections.Counter(
+        int(b, 16) for b in re.findall(r"cp\.async\.\w+\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+)", ptx))
+    regs, spills = _ptxas_usage(ptx)
+    loops = _loops(ttgir)
+    return {
+        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "mma.sync": len(re.findall(r"mma\.sync", ptx)),
+        "cp.async": sum(cp_bytes.values()),
+        "cp.async bytes": dict(sorted(cp_bytes.items())),
+        "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+        "ld.global v4/v2/1": (len(re.findall(r"ld\.global[\w.]*\.v4", ptx)), len(re.findall(r"ld\.global[\w.]*\.v2", ptx)),
+                              len(re.findall(r"ld\.global(?![\w.]*\.v[248])[\w.]*\s", ptx))),
+        "k loops": len(loops),
+        "pipelined": sum(1 for copies, wait, _ in loops if copies and wait is not None and wait >= 1),
+        "regs": regs,
+        "spills": spills,
+        "shared": compiled.metadata.shared,
+    }
+
+
+def check_marks(label, compiled, stats):
+    """The marks (MARKS) this kernel misses: a list of strings, empty when it meets them all."""
+    meta = compiled.fused_inception_meta
+    misses = []
+    if stats["spills"]:
+        misses.append(f"{stats['spills']} bytes spilled")
+    if stats["shared"] > MAX_SHARED:
+        misses.append(f"{stats['shared']} bytes of shared memory")
+    if any(width != 16 for width in stats["cp.async bytes"]):
+        misses.append(f"async copies of {sorted(stats['cp.async bytes'])} bytes")
+    if "SPEC" in meta:
+        fields = [dict(zip(kconv.SPEC_FIELDS, s)) for s in meta["SPEC"]]
+        gemms = [f for f in fields if f["kind"] == kconv.KIND_GEMM]
+        pooled = [f for f in fields if f["kind"] == kconv.KIND_POOLED_GEMM]
+        tensor_cores = meta["dtype"] in ("bf16", "fp16") or meta.get("INPUT_PRECISION") == "tf32"
+        if (gemms or pooled) and tensor_cores and not stats["wgmma"]:
+            misses.append("no wgmma")
+        aligned = [f for f in gemms if f["align"] >= 8]
+        if aligned and stats["pipelined"] < len(gemms):
+            misses.append(f"{len(gemms) - stats['pipelined']} of {len(gemms)} convolution K loops not pipelined")
+        if any(f["align"] >= 8 for f in pooled) and not stats["ld.global v4/v2/1"][0]:
+            misses.append("pooled loads not 16 bytes wide")
+    elif "PARTS" in meta:
+        if any(part[-1] >= 8 for part in meta["PARTS"]) and not (stats["ld.global v4/v2/1"][0] or
+                                                                   stats["ld.global v4/v2/1"][1]):
+            misses.append("no vector loads")
+    return misses
+
+
+def _model(name, train):
+    """A fused model of `name` (random weights) in eval or train mode."""
+    from fused_inception import models
+
+    if name == "googlenet":
+        m = models.googlenet(aux_logits=train, init_weights=True)
+    elif name == "inception_v3":
+        m = models.inception_v3(aux_logits=train, init_weights=True)
+    elif name == "inception_resnet_v2":
+        from fused_inception.fuse import fuse
+
+        m, _ = fuse(models.inception_resnet_v2())
+    else:
+        raise SystemExit(f"unknown model {name!r}")
+    return m.train(train)
+
+
+_SIZES = {"googlenet": 224, "inception_v3": 299, "inception_resnet_v2": 299}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m fused_inception.codegen", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="googlenet", choices=sorted(_SIZES))
+    p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=None, help="input height and width (default: the model's)")
+    p.add_argument("--train", action="store_true",
+                   help="training forward and backward (autocast to --dtype when it is 16-bit; fp32 parameters)")
+    p.add_argument("--nchw", action="store_true", help="NCHW input (default: channels_last)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    dtype = _DTYPES[args.dtype]
+    model = _model(args.model, args.train)
+    size = args.size or _SIZES[args.model]
+    if args.train:  # autocast keeps fp32 parameters; spatial size doesn't change the kernels: keep the CPU work small
+        size = min(size, 75 if args.model != "googlenet" else 64)
+    x = torch.empty(args.batch if not args.train else 2, 3, size, size)
+    fmt = torch.contiguous_format if args.nchw else torch.channels_last
+    x = x.to(memory_format=fmt)
+    model = model.to(memory_format=fmt)
+    start = time.perf_counter()
+    if args.train and dtype != torch.float32:
+        with torch.autocast("cpu", dtype=dtype):
+            kernels = compile_kernels(model, x, workers=args.workers)
+    else:
+        kernels = compile_kernels(model.to(dtype), x.to(dtype), workers=args.workers)
+    compile_s = time.perf_counter() - start
+    head = ["kernel", "wgmma", "mma.sync", "cp.async (bytes)", "tma", "ld.global v4/v2/1", "pipelined", "regs",
+            "spills", "shared", "misses"]
+    print(f"{args.model} {'train' if args.train else 'eval'} {args.dtype}, input {tuple(x.shape)}"
+          f"{' NCHW' if args.nchw else ' channels_last'}: kernels compiled for sm_90 by Triton "
+          f"{__import__('triton').__version__}")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    variants, missed = set(), 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(args.workers) as pool:  # (ptxas runs in a subprocess)
+        all_stats = list(pool.map(kernel_stats, [c for _, c in kernels]))
+    for (label, compiled), s in zip(kernels, all_stats):
+        misses = check_marks(label, compiled, s)
+        missed += bool(misses)
+        variants.add(label.rsplit(" ", 4)[0])
+        cp = f"{s['cp.async']} ({','.join(map(str, s['cp.async bytes']))})" if s["cp.async"] else "0"
+        print(f"| {label} | {s['wgmma']} | {s['mma.sync']} | {cp} | {s['tma']} | "
+              f"{'/'.join(map(str, s['ld.global v4/v2/1']))} | {s['pipelined']}/{s['k loops']} | {s['regs']} | "
+              f"{s['spills']} | {s['shared']} | {'; '.join(misses) or 'ok'} |")
+    print(f"{len(kernels)} compiled kernels ({len(variants)} distinct kernels x their configs), "
+          f"{missed} missing a mark; compile time {compile_s:.1f} s")
+    return kernels
+
+
+if __name__ == "__main__":
+    if kconv.INTERPRETING:  # the kernels were decorated for the interpreter: start again without it
+        os.execve(sys.executable, [sys.executable, "-m", "fused_inception.codegen", *sys.argv[1:]],
+                  {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    main()
