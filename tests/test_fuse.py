@@ -225,18 +225,24 @@ def test_train_gradients_and_optimizer_built_before_fuse():
         assert_close_rel(model.block1(xb), model.block1.eager_forward(xb), TOL[torch.float32], "after step")
 
 
-@pytest.mark.parametrize("name,builder,size,blocks", [
-    ("googlenet", lambda: torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True), 64, 9),
+# Swapped: the Inception blocks and the stem's BasicConv2d units (conv -> BN -> ReLU: 3 kernels -> 1).
+@pytest.mark.parametrize("name,builder,size,blocks,units,launches", [
+    ("googlenet", lambda: torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True), 64, 9,
+     {"conv1", "conv2", "conv3"}, 3 + 9 * 2),
     ("inception_v3", lambda: torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True),
-     75, 11),
+     75, 11, {"Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"},
+     5 + 3 * 3 + 3 + 4 * 5 + 4 + 2 * 3),
 ])
-def test_fuse_torchvision_networks(name, builder, size, blocks, device):
+def test_fuse_torchvision_networks(name, builder, size, blocks, units, launches, device):
     reference = randomize_(builder(), 0).eval()
     model = copy.deepcopy(reference).to(device)
     model, report = fuse(model)
-    assert len(report.swapped) == blocks and report.left_alone == [], str(report)
+    assert len(report.swapped) == blocks + len(units) and report.units == units, str(report)
+    assert report.left_alone == [], str(report)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
-        y = model(x.to(device))
+        with count_launches() as n:
+            y = model(x.to(device))
         expected = reference.double()(x.double())
+    assert n.value == launches
     assert_close_rel(y, expected, 5 * TOL[torch.float32], name)
