@@ -34,15 +34,23 @@ class FuseReport:
     units: set = field(default_factory=set)
 
     def __str__(self):
-        blocks = len(self.swapped) - len(self.units)
-        lines = [f"fuse(): {blocks} block(s) and {len(self.units)} conv unit(s) swapped, "
-                 f"{len(self.left_alone)} candidate(s) left alone"]
+        lines = self._header()
         for name, cls, before, after in self.swapped:
             kind = ", conv unit" if name in self.units else ""
             lines.append(f"  swapped     {name or '<root>'} ({cls}{kind}): {before} -> {after} launches")
-        for name, cls, reason in self.left_alone:
-            lines.append(f"  left alone  {name or '<root>'} ({cls}): {reason}")
-        return "\n".join(lines)
+        return "\n".join(lines + self._left_alone_lines())
+
+    def summary(self):
+        """The counts and the candidates left alone with their reasons (no line per swapped block)."""
+        return "\n".join(self._header() + self._left_alone_lines())
+
+    def _header(self):
+        blocks = len(self.swapped) - len(self.units)
+        return [f"fuse(): {blocks} block(s) and {len(self.units)} conv unit(s) swapped, "
+                f"{len(self.left_alone)} candidate(s) left alone"]
+
+    def _left_alone_lines(self):
+        return [f"  left alone  {name or '<root>'} ({cls}): {reason}" for name, cls, reason in self.left_alone]
 
 
 def _fused_or_reason(module):
