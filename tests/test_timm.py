@@ -236,7 +236,11 @@ def test_torchvision_frozen_batchnorm(device, interpreter_launches):
     block = TorchvisionFrozen().eval().to(device)
     model, report = fuse_one(copy.deepcopy(block))
     assert isinstance(model[0], FusedGraphBlock), str(report)
-    check_eval(model, block, torch.randn(2, 10, 5, 6, device=device), 2, interpreter_launches, "torchvision frozen")
+    x = torch.randn(2, 10, 5, 6, device=device)
+    check_eval(model, block, x, 2, interpreter_launches, "torchvision frozen")
+    for m in (model[0].a[1], block.a[1]):
+        m.eps = 0.5  # a plain attribute of a frozen BatchNorm: seen, the plan is rebuilt
+    check_eval(model, block, x, 2, interpreter_launches, "torchvision frozen, eps changed")
 
 
 def test_dropout_between_bn_and_relu_is_identity_in_eval_eager_in_training(device, interpreter_launches):
@@ -297,8 +301,12 @@ def test_activation_styles_and_apply_act_off(device, interpreter_launches):
     # eager: conv, BN, ReLU in a and c; conv, BN, ReLU, conv, BN in b; the cat
     assert isinstance(model[0], FusedGraphBlock) and report.swapped[0][2:] == (3 + 5 + 3 + 1, 2), str(report)
     assert [n.relu for n in model[0].graph().nodes] == [True, True, False, True]
-    y = check_eval(model, block, torch.randn(2, 12, 5, 4, device=device), 2, interpreter_launches, "act styles")
+    x = torch.randn(2, 12, 5, 4, device=device)
+    y = check_eval(model, block, x, 2, interpreter_launches, "act styles")
     assert (y[:, 5 + 4:5 + 4 + 6] < 0).any()  # the apply_act=False branch keeps its negatives
+    for m in (model[0].a.bn, block.a.bn):
+        m.eps = 0.5  # BatchNormAct2d's eps is watched as BatchNorm2d's is
+    check_eval(model, block, x, 2, interpreter_launches, "act styles, eps changed")
 
 
 def test_sync_batchnorm_act_in_eval(device, interpreter_launches):
