@@ -19,12 +19,14 @@ In eval mode with autograd recording (parameters or input requiring grad and gra
 fused forward is wrapped in an autograd.Function whose backward recomputes `eager_forward`.
 """
 
+import functools
+
 import torch
 from torch import nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from fused_inception import ops, training
+from fused_inception import norms, ops, training
 from fused_inception.kernels import conv as kconv
 from fused_inception.pattern import recipe_of
 from fused_inception.plan import build_plan, check_graph
@@ -40,6 +42,17 @@ _WATCHED = {
     nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
     nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def _watched(cls):
+    """_WATCHED's entry for cls or its nearest base there (timm's BatchNormAct2d is a BatchNorm2d),
+    or a frozen BatchNorm's eps."""
+    for base in cls.__mro__:
+        if base in _WATCHED:
+            return _WATCHED[base]
+    return ("eps",) if norms.is_frozen_type(cls) else ()
+
 
 # Bumped whenever any module registers a submodule (assignment included), so that FusedBlocks
 # know when to walk their module tree again.
@@ -144,6 +157,9 @@ class FusedBlock(nn.Module):
         self._train_refs = tuple(ref for ref in structure.refs(graph) if ref is not None and getattr(*ref) is not None)
         self._param_count = len(self._tracked_params())  # a parameter added or removed: trace again
         self._train_bns = tuple((graph.nodes[i].bn, lo, hi) for i, lo, hi in structure.bn_columns)
+        # Frozen BatchNorms and norm + act layers with a dropout: see norms.needs_eager.
+        self._special_bns = tuple(bn for bn, _, _ in self._train_bns if type(bn) not in (nn.BatchNorm2d,
+                                                                                         nn.SyncBatchNorm))
 
     def _fingerprint(self):
         """What the traced math depends on besides tensors: which modules (ids), the geometry
@@ -153,7 +169,7 @@ class FusedBlock(nn.Module):
         modules = self._submodules()
         root = self._fingerprint_root()
         return (tuple(map(id, modules)),
-                tuple(getattr(m, a) for m in modules for a in _WATCHED.get(type(m), ())),
+                tuple(getattr(m, a) for m in modules for a in _watched(type(m))),
                 tuple(v for k, v in root.__dict__.items() if type(v) in _PLAIN and k[0] != "_" and k != "training"))
 
     def _fingerprint_root(self):
@@ -248,14 +264,17 @@ class FusedBlock(nn.Module):
         Eager instead: residual blocks under autocast (there `scale * up + x` adds the fp32
         input to a low-precision result and returns fp32, which the kernel doesn't do); a
         BatchNorm whose train/eval mode differs from the block's (e.g. frozen BN while
-        fine-tuning); and in training, `torch.use_deterministic_algorithms(True)` (the batch
-        statistics are summed with atomics), a residual scale that requires grad, or parameters
-        of different dtypes."""
+        fine-tuning); a frozen BatchNorm in training, or a norm + act layer whose dropout is
+        active (`norms.needs_eager`); and in training, `torch.use_deterministic_algorithms(True)`
+        (the batch statistics are summed with atomics), a residual scale that requires grad, or
+        parameters of different dtypes."""
         if not triton_available_for(x) or self._compute_dtype(x) not in _KERNEL_DTYPES:
             return False
         if self._recipe.head is not None and torch.is_autocast_enabled(x.device.type):
             return False
         if any(bn.training != self.training for bn, _, _ in self._train_bns):
+            return False
+        if any(norms.needs_eager(bn, self.training) for bn in self._special_bns):
             return False
         if self.training:
             if torch.are_deterministic_algorithms_enabled():
@@ -618,7 +637,7 @@ class FusedGraphBlock(FusedBlock):
         return self._original.forward(x)
 
     def _trace_recipe(self):
-        return recipe_of(self._original)
+        return recipe_of(self._original, allow_single=self._recipe.single)
 
     def _fingerprint_root(self):
         return self._original  # its own attributes (e.g. a residual scale)

@@ -51,10 +51,11 @@ class _TorchKernelCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.names = []
+        self.paused = False  # set while the caller's own bookkeeping runs (e.g. the report's copies)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if not (func.is_view or name in self._FREE):
+        if not (self.paused or func.is_view or name in self._FREE):
             self.names.append(name)
         return func(*args, **(kwargs or {}))
 

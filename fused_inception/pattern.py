@@ -1,8 +1,9 @@
 """Recognise an Inception block by its dataflow (torch.fx), whatever its class or coding style.
 
 The pattern: one input; branches that start from it, optionally through a max/avg pool, as
-chains of `Conv2d -> BatchNorm2d/SyncBatchNorm? -> ReLU?` (ReLU as a module, `F.relu`,
-`torch.relu`, the `.relu()` method, in place or not; any wrapper modules and `nn.Sequential` are traced through),
+chains of `Conv2d -> BatchNorm? -> ReLU?` (BatchNorm: see `norms`, timm's BatchNormAct2d with its
+ReLU included; ReLU as a module, `F.relu`, `torch.relu`, the `.relu()` method, in place or not;
+any wrapper modules, timm's ConvNormAct and `nn.Sequential` are traced through),
 or a pool alone; a branch may read another branch's result (trees, as Inception v3's split
 1x3/3x1 branches); and one `torch.cat(..., dim=1)` (possibly nested) as the block's result, or, for Inception-ResNet,
 `relu?(x + scale * conv(cat))` in any arrangement of the add and multiply (scale a number or a
@@ -23,11 +24,17 @@ import torch
 from torch import fx, nn
 import torch.nn.functional as F
 
+from fused_inception import norms
 from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, ResidualHead, UnsupportedBlock, depths_of
 
 
 class NotABlock(Exception):
     """The module is not an Inception-style candidate (its result is not a channel concatenation)."""
+
+
+class UnsupportedUnit(UnsupportedBlock):
+    """`recipe_of(..., allow_single=True)`: the module's result is not a concatenation, and not a
+    `pool? -> conv -> BN? -> ReLU?` chain either (fuse() passes over these silently)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Recipe:
     outputs: tuple
     eager_kernels: int  # kernel-launching operations of the traced forward (conv, BN, ReLU, pool, cat, ...)
     head: Optional[HeadRecipe] = None
+    single: bool = False  # the result is one chain (a conv unit), not a concatenation
 
     def graph(self, module):
         """The BlockGraph of `module`'s current submodules."""
@@ -80,10 +88,17 @@ def _attribute(module, qualname):
 
 
 class _Tracer(fx.Tracer):
-    """Traces through user modules; torch.nn layers and fused blocks stay leaves."""
+    """Traces through user modules; torch.nn layers, fused blocks and BatchNorm layers that
+    `norms` interprets (timm's BatchNormAct2d, frozen BatchNorms) stay leaves."""
 
     def is_leaf_module(self, m, qualname):
-        return getattr(m, "_is_fused_block", False) or super().is_leaf_module(m, qualname)
+        return getattr(m, "_is_fused_block", False) or norms.is_leaf(m) or super().is_leaf_module(m, qualname)
+
+
+def is_layer(module):
+    """True for a module torch.fx keeps whole (torch.nn layers, fused blocks, the BatchNorms `norms`
+    interprets): neither a block nor a conv unit, nothing to find inside."""
+    return _Tracer().is_leaf_module(module, "")
 
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
@@ -103,6 +118,7 @@ class _Parser:
             raise NotABlock(f"forward takes {len(inputs)} inputs")
         self.x = inputs[0]
         self.nodes, self.memo, self.absorbed = [], {}, set()
+        self.extra_kernels = 0  # kernels inside interpreted leaves (a norm + act layer's activation)
 
     def submodule(self, n):
         return self.module.get_submodule(n.target) if n.op == "call_module" else None
@@ -139,8 +155,12 @@ class _Parser:
             if self.relu_inplace(cur) and len(cur.args[0].users) > 1:
                 raise UnsupportedBlock("an in-place ReLU changes a value that is also used elsewhere")
             relu, cur = True, self._absorb(cur)
-        if type(self.submodule(cur)) in (nn.BatchNorm2d, nn.SyncBatchNorm):
-            bn, cur = cur.target, self._absorb(cur)
+        if norms.is_batchnorm(self.submodule(cur)):
+            act_relu, reason = norms.activation_of(self.submodule(cur))
+            if reason is not None:
+                raise UnsupportedBlock(f"{cur.target}: {reason}")
+            self.extra_kernels += norms.eager_ops(self.submodule(cur)) - 1
+            bn, relu, cur = cur.target, relu or act_relu, self._absorb(cur)
         conv = pool = None
         if isinstance(self.submodule(cur), nn.Conv2d):
             conv, src_v = cur.target, self._absorb(cur)
@@ -189,7 +209,8 @@ def _cat_inputs(n, cats):
 def recipe_of(module, method="forward", allow_single=False):
     """Trace module.<method> and return its Recipe (see the module docstring for what matches).
 
-    allow_single: also accept a single chain as the result (a conv unit), not only a concatenation.
+    allow_single: also accept a single chain as the result (a conv unit), not only a concatenation;
+    a single result that is no such chain raises UnsupportedUnit (an UnsupportedBlock).
     """
     tracer = _Tracer()
     tracer.traced_func_name = method
@@ -208,20 +229,26 @@ def recipe_of(module, method="forward", allow_single=False):
             values = _cat_inputs(cat, cats)
             if values is None:
                 raise UnsupportedBlock("the residual head's conv does not read a channel concatenation")
-    if values is None and allow_single and isinstance(result, fx.Node):
+    single = values is None and allow_single and isinstance(result, fx.Node)
+    if single:
         values = [result]
     if values is None:
         raise NotABlock("its result is not a torch.cat along channels")
-    outputs = tuple(parser.parse(v) for v in values)
-    for n in graph.nodes:
-        if n.op in ("call_module", "call_function", "call_method", "get_attr") and n not in parser.absorbed \
-                and n not in cats:
-            raise UnsupportedBlock(f"it computes {_describe(n)} outside the Inception pattern")
-    for i, r in enumerate(parser.nodes):
-        uses = sum(o == i for o in outputs) + sum(s.src == i for s in parser.nodes)
-        if uses == 0:
-            raise UnsupportedBlock(f"branch node {i} is computed but not used")
-    return Recipe(tuple(parser.nodes), outputs, len(parser.absorbed) + len(cats), head)
+    try:
+        outputs = tuple(parser.parse(v) for v in values)
+        for n in graph.nodes:
+            if n.op in ("call_module", "call_function", "call_method", "get_attr") and n not in parser.absorbed \
+                    and n not in cats:
+                raise UnsupportedBlock(f"it computes {_describe(n)} outside the Inception pattern")
+        for i, r in enumerate(parser.nodes):
+            uses = sum(o == i for o in outputs) + sum(s.src == i for s in parser.nodes)
+            if uses == 0:
+                raise UnsupportedBlock(f"branch node {i} is computed but not used")
+    except UnsupportedBlock as e:
+        if single:
+            raise UnsupportedUnit(str(e)) from e
+        raise
+    return Recipe(tuple(parser.nodes), outputs, len(parser.absorbed) + len(cats) + parser.extra_kernels, head, single)
 
 
 _ADD = {operator.add, torch.add}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from fused_inception import norms
 from fused_inception.kernels import conv as kconv
 
 
@@ -187,12 +188,12 @@ def _check_node(i, node, cin):
                                   or tuple(conv.padding) != (0, 0)):
         raise UnsupportedBlock(f"node {i}: a fused pre-pool needs a 1x1/stride 1/padding 0 conv")
     if bn is not None:
-        if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-            raise UnsupportedBlock(f"node {i}: {type(bn).__name__} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm")
-        if not bn.track_running_stats:
-            raise UnsupportedBlock(f"node {i}: BatchNorm without running stats normalises with batch statistics")
-        if bn.num_features != conv.out_channels:
-            raise UnsupportedBlock(f"node {i}: BatchNorm has {bn.num_features} features, conv {conv.out_channels}")
+        reason = norms.unsupported_reason(bn)  # plain, timm's norm + act, frozen (see norms)
+        if reason is not None:
+            raise UnsupportedBlock(f"node {i}: {reason}")
+        if norms.num_features(bn) != conv.out_channels:
+            raise UnsupportedBlock(f"node {i}: BatchNorm has {norms.num_features(bn)} features, "
+                                   f"conv {conv.out_channels}")
 
 
 def folded_scale_shift(node, cout, device):

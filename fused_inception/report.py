@@ -1,8 +1,9 @@
 """The fusion report: per block of an Inception network, eager vs fused launches, bytes moved, error, time.
 
-`python -m fused_inception --help` runs it. The fused model and torchvision's reference share one
-state_dict and one input; each block is run on the input the reference block received, so its
-error is its own (the whole-network row compares logits end to end).
+`python -m fused_inception --help` runs it; `--model timm/<name>` reports on a timm model fused by
+fuse() (timm is an optional dependency). The fused model and its reference share one state_dict
+and one input; each reference block is run on the input the fused block received, so its error
+is its own (the whole-network row compares logits end to end).
 
 Bytes moved is a model, not a measurement: every tensor an operator reads or writes crosses DRAM
 once (eager: conv reads input and weights and writes its output, BN and ReLU read and write it
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fused_inception.blocks import FusedBlock
+from fused_inception.blocks import FusedBlock, build_plans
+from fused_inception.kernels import conv as kconv
 from fused_inception.launches import count_launches, count_torch_kernels
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -115,13 +117,54 @@ MODELS = {
     "inception_v3": ("torchvision", 1, 75, 299),
     "inception_resnet_v2": ("the unfused model (timm's architecture and keys)", 1, 75, 299),
 }
+TIMM_PREFIX = "timm/"  # --model timm/<any timm model name>: timm's model, fused by fuse()
+TIMM_CPU_SIZE = 75  # the smallest input of timm's Inception networks (the interpreter is slow)
+
+
+def model_name(name):
+    """argparse type of --model: a name of MODELS, or timm/<name>."""
+    if name in MODELS or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX)):
+        return name
+    raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(sorted(MODELS))}, "
+                                     f"or timm/<name> for any timm model, e.g. timm/inception_v4)")
+
+
+def import_timm():
+    """timm, or a SystemExit that says how to install it (the library itself doesn't need it)."""
+    try:
+        import timm
+    except ImportError:
+        raise SystemExit('--model timm/...: timm is not installed; pip install "fused-inception[timm]" '
+                         "(or pip install timm)") from None
+    return timm
+
+
+def create_timm_model(name, **kwargs):
+    """timm.create_model(name) without pretrained weights, or a SystemExit naming the problem."""
+    timm = import_timm()
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise SystemExit(f"--model timm/{name}: {e} (timm.list_models('*inception*') lists the Inceptions)") \
+            from None
+
+
+def defaults(model):
+    """(reference, default CPU batch, default CPU size, default CUDA size) of --model."""
+    if not model.startswith(TIMM_PREFIX):
+        return MODELS[model]
+    cfg = create_timm_model(model[len(TIMM_PREFIX):], device="meta").pretrained_cfg
+    cuda_size = cfg.get("input_size", (3, 224, 224))[-1]
+    return "timm's model, unfused", 1, cuda_size if cfg.get("fixed_input_size") else TIMM_CPU_SIZE, cuda_size
 
 
 def build_models(model, seed, dtype, device, memory_format, width=1):
-    """(reference, fused model) with one random state_dict, in eval mode, without aux heads.
+    """(reference, fused model, fuse()'s FuseReport or None) with one random state_dict, in eval
+    mode, without aux heads.
 
     GoogLeNet and Inception v3: torchvision's model and ours. Inception-ResNet-v2 (channels divided
-    by `width`): the plain PyTorch model and fuse() of a copy of it.
+    by `width`): the plain PyTorch model and fuse() of a copy of it. `timm/<name>`: timm's model
+    and fuse() of a copy of it.
     """
     import copy
 
@@ -132,9 +175,13 @@ def build_models(model, seed, dtype, device, memory_format, width=1):
     from fused_inception.models.inception_resnet_v2 import InceptionResnetV2
 
     torch.manual_seed(seed)
-    if model == "inception_resnet_v2":
+    report = None
+    if model.startswith(TIMM_PREFIX):
+        ref = informative_init_(create_timm_model(model[len(TIMM_PREFIX):]), seed)
+        fused, report = fuse(copy.deepcopy(ref))
+    elif model == "inception_resnet_v2":
         ref = informative_init_(InceptionResnetV2(width=width), seed)
-        fused, _ = fuse(copy.deepcopy(ref))
+        fused, report = fuse(copy.deepcopy(ref))
     else:
         ref = getattr(torchvision.models, model)(weights=None, aux_logits=False, init_weights=True)
         ref = informative_init_(ref, seed)
@@ -142,7 +189,7 @@ def build_models(model, seed, dtype, device, memory_format, width=1):
         fused.load_state_dict(ref.state_dict())
     ref = ref.eval().to(device=device, dtype=dtype, memory_format=memory_format)
     fused = fused.eval().to(device=device, dtype=dtype, memory_format=memory_format)
-    return ref, fused
+    return ref, fused, report
 
 
 def fused_blocks(model):
@@ -162,42 +209,64 @@ def fused_blocks(model):
 
 
 def run_report(model="googlenet", batch=2, size=64, dtype=torch.float32, device="cpu", seed=0, channels_last=False,
-               width=1):
-    """Compare the fused model against its reference per fused block; returns the rows (last: whole net)."""
+               width=1, fuse_report=None):
+    """Compare the fused model against its reference per fused block; returns the rows (last: whole net).
+
+    The fused network runs once: each fused block's input and output are kept (hooks) with the
+    launches made inside it, and the reference block is run on that same input, so a block's
+    error is its own. `fuse_report`: a list that receives fuse()'s FuseReport when the fused
+    model was made by fuse() (Inception-ResNet-v2, timm models)."""
     device = torch.device(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    ref, fused = build_models(model, seed, dtype, device, memory_format, width)
+    ref, fused, report = build_models(model, seed, dtype, device, memory_format, width)
+    if fuse_report is not None and report is not None:
+        fuse_report.append(report)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     x = x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
     timed = device.type == "cuda"
     blocks = fused_blocks(fused)
-    names = [name for name, _ in blocks]
+    build_plans(fused)  # built outside the counts, as by a first forward
 
-    inputs = {}
-    hooks = [ref.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0]))
-             for name in names]
+    seen = {}  # name -> [input, output, Triton launches, torch kernels] in the whole fused forward
+
+    def before(name, args):
+        fused_kernels.paused = True  # (the copies are the report's, not the model's)
+        seen[name] = [args[0].clone(), None, kconv.launch_count(), len(fused_kernels.names)]
+        fused_kernels.paused = False
+
+    def after(name, output):
+        record = seen[name]
+        launches, kernels = kconv.launch_count() - record[2], len(fused_kernels.names) - record[3]
+        fused_kernels.paused = True
+        record[1:] = [output.clone(), launches, kernels]
+        fused_kernels.paused = False
+
+    hooks = [h for name, f in blocks
+             for h in (f.register_forward_pre_hook(lambda m, a, name=name: before(name, a)),
+                       f.register_forward_hook(lambda m, a, out, name=name: after(name, out)))]
     rows = []
+    try:
+        with torch.no_grad():
+            with count_launches() as launches, count_torch_kernels() as fused_kernels:
+                logits = fused(x)
+    finally:
+        for h in hooks:
+            h.remove()
     with torch.no_grad():
         with count_torch_kernels() as eager_total:
             logits_ref = ref(x)
-        for h in hooks:
-            h.remove()
         for name, f in blocks:
-            r, xin = ref.get_submodule(name), inputs[name]
-            f.plan()  # built outside the count, as after the first forward
+            r = ref.get_submodule(name)
+            xin, y, block_launches, block_kernels = seen[name]
             with count_torch_kernels() as eager_k:
                 expected = r(xin)
-            with count_launches() as launches, count_torch_kernels() as torch_k:
-                y = f(xin)
             eager_b, fused_b = traffic(f, xin.shape, xin.element_size())
-            row = Row(name, eager_k.value, launches.value + torch_k.value, eager_b / 1e6, fused_b / 1e6,
+            row = Row(name, eager_k.value, block_launches + block_kernels, eager_b / 1e6, fused_b / 1e6,
                       (y.float() - expected.float()).abs().max().item(), expected.float().abs().max().item())
             if timed:
                 row.eager_ms, row.fused_ms = gpu_ms(lambda: r(xin)), gpu_ms(lambda: f(xin))
             rows.append(row)
-        with count_launches() as launches, count_torch_kernels() as torch_k:
-            logits = fused(x)
-        total = Row(f"{model} (whole; MB: blocks only)", eager_total.value, launches.value + torch_k.value,
+        total = Row(f"{model} (whole; MB: blocks only)", eager_total.value, launches.value + fused_kernels.value,
                     sum(r.eager_mb for r in rows), sum(r.fused_mb for r in rows),
                     (logits.float() - logits_ref.float()).abs().max().item(), logits_ref.float().abs().max().item())
         if timed:
@@ -223,17 +292,19 @@ def format_table(rows, timed):
 def parser():
     p = argparse.ArgumentParser(
         prog="python -m fused_inception",
-        description="Fusion report for GoogLeNet, Inception v3 or Inception-ResNet-v2: per fused block, eager vs "
-                    "fused kernel launches, "
-                    "modelled bytes "
-                    "moved, max abs error against torchvision, and time per block on a GPU. Without a GPU the "
-                    "kernels run in Triton's CPU interpreter (slow: keep the input small).")
-    p.add_argument("--model", default="googlenet", choices=sorted(MODELS), help="network to report on")
+        description="Fusion report for GoogLeNet, Inception v3, Inception-ResNet-v2 or any timm model: per fused "
+                    "block, eager vs fused kernel launches, modelled bytes moved, max abs error against the "
+                    "reference, and time per block on a GPU. Without a GPU the kernels run in Triton's CPU "
+                    "interpreter (slow: keep the input small).")
+    p.add_argument("--model", default="googlenet", type=model_name,
+                   help=f"network to report on: {', '.join(sorted(MODELS))}, or timm/<name> for a timm model "
+                        "(e.g. timm/inception_v4; needs timm: pip install \"fused-inception[timm]\"), "
+                        "fused by fuse()")
     p.add_argument("--batch", type=int, default=None,
                    help="batch size (default on CPU: 2 for googlenet, 1 for the others; on CUDA: 32)")
     p.add_argument("--size", type=int, default=None,
                    help="input height and width (default on CPU: 64 for googlenet, 75 for the others; on CUDA: "
-                        "224 for googlenet, 299 for the others)")
+                        "224 for googlenet, 299 for the others, a timm model's input size)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model and input dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="cuda: Triton on the GPU, timed; cpu: Triton's interpreter; auto: cuda if available")
@@ -254,18 +325,22 @@ def main(argv=None):
     if device == "cpu" and not kconv.INTERPRETING:
         raise SystemExit("the kernels run on CPU only in Triton's interpreter: "
                          "run with TRITON_INTERPRET=1 (python -m fused_inception does this itself)")
-    reference, cpu_batch, cpu_size, cuda_size = MODELS[args.model]
+    reference, cpu_batch, cpu_size, cuda_size = defaults(args.model)
     batch = args.batch or (32 if device == "cuda" else cpu_batch)
     size = args.size or (cuda_size if device == "cuda" else cpu_size)
     width = args.width or (1 if device == "cuda" else 8)
     start = time.perf_counter()
-    rows = run_report(args.model, batch, size, DTYPES[args.dtype], device, args.seed, args.channels_last, width)
+    fuse_report = []
+    rows = run_report(args.model, batch, size, DTYPES[args.dtype], device, args.seed, args.channels_last, width,
+                      fuse_report)
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter (no timings)"
     shape = f", width 1/{width}" if args.model == "inception_resnet_v2" else ""
     print(f"{args.model} fusion report{shape} (reference: {reference}): input {batch}x3x{size}x{size} {args.dtype}"
           f"{' channels_last' if args.channels_last else ''}, {where}")
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}; launches = Triton launches + "
           "torch kernels (eager: ATen operators that launch a kernel)")
+    if fuse_report:
+        print(fuse_report[0].summary())
     print(format_table(rows, device == "cuda"))
     print(f"({time.perf_counter() - start:.1f} s)")
     return rows

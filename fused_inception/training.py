@@ -250,8 +250,8 @@ def _has_mid_columns(row):
 def sync_group(bns):
     """The process group whose statistics a block's BatchNorms share (SyncBatchNorm in a
     distributed run of more than one process), or None."""
-    kinds = {type(bn) for bn in bns}
-    if nn.SyncBatchNorm not in kinds:
+    kinds = {isinstance(bn, nn.SyncBatchNorm) for bn in bns}  # (timm's SyncBatchNormAct is one)
+    if True not in kinds:
         return None
     import torch.distributed as dist
 

@@ -10,6 +10,7 @@ import torchvision
 
 from conftest import TOL, SequentialNoBN, assert_close_rel, randomize_
 from fused_inception import FusedGraphBlock, count_launches, fuse
+from test_training import check_training_parity
 
 
 class FunctionalStyle(nn.Module):
@@ -225,18 +226,86 @@ def test_train_gradients_and_optimizer_built_before_fuse():
         assert_close_rel(model.block1(xb), model.block1.eager_forward(xb), TOL[torch.float32], "after step")
 
 
-@pytest.mark.parametrize("name,builder,size,blocks", [
-    ("googlenet", lambda: torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True), 64, 9),
+# Swapped: the Inception blocks and the stem's BasicConv2d units (conv -> BN -> ReLU: 3 kernels -> 1).
+@pytest.mark.parametrize("name,builder,size,blocks,units,launches", [
+    ("googlenet", lambda: torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True), 64, 9,
+     {"conv1", "conv2", "conv3"}, 3 + 9 * 2),
     ("inception_v3", lambda: torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True),
-     75, 11),
+     75, 11, {"Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"},
+     5 + 3 * 3 + 3 + 4 * 5 + 4 + 2 * 3),
 ])
-def test_fuse_torchvision_networks(name, builder, size, blocks, device):
+def test_fuse_torchvision_networks(name, builder, size, blocks, units, launches, device):
     reference = randomize_(builder(), 0).eval()
     model = copy.deepcopy(reference).to(device)
     model, report = fuse(model)
-    assert len(report.swapped) == blocks and report.left_alone == [], str(report)
+    assert len(report.swapped) == blocks + len(units) and report.units == units, str(report)
+    assert report.left_alone == [], str(report)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
-        y = model(x.to(device))
+        with count_launches() as n:
+            y = model(x.to(device))
         expected = reference.double()(x.double())
+    assert n.value == launches
     assert_close_rel(y, expected, 5 * TOL[torch.float32], name)
+
+
+class LoneConv(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class DilatedUnits(nn.Module):
+    """A block candidate left alone (a dilated branch) whose other branch is a fusable conv unit."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.a = ConvBNReLU(cin, 4, 1)
+        self.b = ConvBNReLU(cin, 4, 3, padding=2, dilation=2)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+class UnitsNet(nn.Module):
+    """A stem of conv units in three styles (a wrapper module, an nn.Sequential, torchvision's
+    Conv2dNormActivation), a lone conv, and a block left alone with a fusable unit inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBNReLU(3, 8, 3, stride=2, padding=1)
+        self.seq = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.tv = torchvision.ops.Conv2dNormActivation(8, 12, 3)
+        self.lone = LoneConv(12, 12)
+        self.block = DilatedUnits(12)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.block(self.lone(self.tv(self.seq(self.stem(x)))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_conv_units_outside_blocks_are_swapped():
+    """fuse() swaps every conv -> BN -> ReLU unit that is not inside a fused block (one launch
+    instead of three), also inside a block left alone; a lone conv stays (nothing to save).
+    Eval logits and a train step (gradients, running statistics) match the unfused network."""
+    reference = randomize_(UnitsNet(), 5)
+    model, report = fuse(copy.deepcopy(reference).eval())
+    assert report.units == {"stem", "seq", "tv", "block.a"} and len(report.swapped) == 4, str(report)
+    assert [(name, reason) for name, _, reason in report.left_alone] == [("block", "node 1: dilation 2 not supported")]
+    assert isinstance(model.lone, LoneConv) and isinstance(model.block.b, ConvBNReLU)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    assert "swapped     stem (ConvBNReLU, conv unit): 3 -> 1 launches" in str(report)
+    x = torch.randn(2, 3, 12, 11)
+    with torch.no_grad():
+        with count_launches() as n:
+            y = model(x)
+        expected = copy.deepcopy(reference).eval().double()(x.double())
+    assert n.value == 4
+    assert_close_rel(y, expected, TOL[torch.float32], "logits")
+    with count_launches() as n:
+        check_training_parity(reference, model, x, steps=2, zero_grads=("seq.0.bias",))  # (a bias before BN)
+    assert n.value > 2 * 4  # the units trained through the kernels

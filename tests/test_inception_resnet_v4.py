@@ -198,12 +198,14 @@ def test_inception_v4_blocks(cls, cin, size, launches, device, interpreter_launc
 
 
 def test_inception_resnet_v2_small_width():
-    """fuse() on the whole network at 1/8 width: every Mixed and residual block is swapped and
-    listed with its launches; logits equal the unfused model's."""
+    """fuse() on the whole network at 1/8 width: every Mixed and residual block and the stem's conv
+    units are swapped and listed with their launches; logits equal the unfused model's."""
     reference = randomize_(InceptionResnetV2(width=8), 0).eval()
     model, report = fuse(copy.deepcopy(reference))
     swapped = {name: (before, after) for name, _, before, after in report.swapped}
-    assert len(swapped) == 1 + 10 + 1 + 20 + 1 + 9 + 1 and report.left_alone == [], str(report)
+    units = {"conv2d_1a", "conv2d_2a", "conv2d_2b", "conv2d_3b", "conv2d_4a", "conv2d_7b"}
+    assert report.units == units and all(swapped[name] == (3, 1) for name in units), str(report)
+    assert len(swapped) == 1 + 10 + 1 + 20 + 1 + 9 + 1 + 6 and report.left_alone == [], str(report)
     assert swapped["mixed_5b"] == (23, 3) and swapped["mixed_6a"] == (14, 3) and swapped["mixed_7a"] == (23, 3)
     assert swapped["repeat.0"] == (23, 4) and swapped["repeat_1.0"] == (17, 4) and swapped["block8"] == (16, 4)
     assert list(model.state_dict()) == list(reference.state_dict())
@@ -213,7 +215,7 @@ def test_inception_resnet_v2_small_width():
         with count_launches() as n:
             y = model(x)
         expected = reference.double()(x.double())
-    assert n.value == 3 + 40 * 4 + 3 + 3  # mixed_5b, 40 residual blocks x 4, mixed_6a, mixed_7a (stem: torch)
+    assert n.value == 6 + 3 + 40 * 4 + 3 + 3  # 6 conv units, mixed_5b, 40 residual blocks x 4, mixed_6a, mixed_7a
     assert_close_rel(y, expected, 5 * TOL[torch.float32], "logits")
     assert isinstance(inception_resnet_v2(width=16), InceptionResnetV2)
 
@@ -237,11 +239,12 @@ class InceptionV4Small(nn.Module):
 def test_inception_v4_whole_network():
     reference = randomize_(InceptionV4Small(), 7).eval()
     model, report = fuse(copy.deepcopy(reference))
-    assert len(report.swapped) == 3 + 4 + 1 + 7 + 1 + 3 and report.left_alone == [], str(report)
+    assert report.units == {"features.0", "features.1", "features.2"}, str(report)  # the stem's conv units
+    assert len(report.swapped) == 3 + 3 + 4 + 1 + 7 + 1 + 3 and report.left_alone == [], str(report)
     x = torch.randn(1, 3, 75, 75)
     with torch.no_grad():
         with count_launches() as n:
             y = model(x)
         expected = reference.double()(x.double())
-    assert n.value == 1 + 4 + 1 + 4 * 3 + 3 + 7 * 5 + 4 + 3 * 4
+    assert n.value == 3 + 1 + 4 + 1 + 4 * 3 + 3 + 7 * 5 + 4 + 3 * 4
     assert_close_rel(y, expected, 5 * TOL[torch.float32], "logits")

@@ -26,3 +26,11 @@ def test_no_top_level_kernels_module(tmp_path):
     assert r.returncode == 0, r.stderr
     origin = r.stdout.strip()
     assert origin == "None" or not Path(origin).resolve().is_relative_to(REPO), origin
+
+
+def test_the_library_does_not_import_timm(tmp_path):
+    """timm is an optional extra (the report's --model timm/...): fuse() recognises its layers by
+    structure, without importing it."""
+    r = run_python("import sys, fused_inception, fused_inception.report; print('timm' in sys.modules)", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

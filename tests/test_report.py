@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from fused_inception.report import main
 
 
@@ -41,11 +43,43 @@ def test_report_inception_v3():
 
 
 def test_report_inception_resnet_v2():
-    """`--model inception_resnet_v2` (1/8 width on CPU): every Mixed and residual block listed."""
+    """`--model inception_resnet_v2` (1/8 width on CPU): every Mixed and residual block and the 6
+    stem conv units listed."""
     rows = main(["--model", "inception_resnet_v2", "--device", "cpu"])
     launches = {r.name: (r.eager_launches, r.fused_launches) for r in rows}
-    assert len(rows) == 43 + 1
+    assert len(rows) == 43 + 6 + 1
+    assert launches["conv2d_1a"] == (3, 1) and launches["conv2d_7b"] == (3, 1)
     assert launches["mixed_5b"] == (23, 3) and launches["repeat.9"] == (23, 4)
     assert launches["repeat_1.19"] == (17, 4) and launches["block8"] == (16, 4)
     for r in rows[:-1]:
         assert r.max_abs_err <= 1e-4 * r.max_abs_ref, r.name
+
+
+def test_report_timm_inception_v3(capsys):
+    """`--model timm/inception_v3`: timm's network fused by fuse() at its smallest input; every block
+    and stem unit is a row (A/B/C/D/E: 3/3/5/4/3 launches, units 1), each within 1e-4 of timm's
+    block, and the whole network's logits within 5e-4 of timm's: 312 eager kernels -> 51."""
+    pytest.importorskip("timm")
+    rows = main(["--model", "timm/inception_v3", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "fuse(): 11 block(s) and 5 conv unit(s) swapped, 0 candidate(s) left alone" in out
+    launches = {r.name: (r.eager_launches, r.fused_launches) for r in rows}
+    assert [launches[f"Mixed_{n}"][1] for n in ("5b", "6a", "6b", "7a", "7b")] == [3, 3, 5, 4, 3]
+    assert launches["Conv2d_1a_3x3"] == (3, 1) and len(rows) == 16 + 1
+    for r in rows[:-1]:
+        assert r.max_abs_err <= 1e-4 * r.max_abs_ref, r.name
+    whole = rows[-1]
+    assert (whole.eager_launches, whole.fused_launches) == (312, 51)
+    assert whole.max_abs_err <= 5e-4 * whole.max_abs_ref
+
+
+def test_report_timm_errors(monkeypatch):
+    """A clear error naming the extra when timm is missing, and one for a name timm doesn't know."""
+    pytest.importorskip("timm")
+    with pytest.raises(SystemExit, match="timm has|Unknown model"):
+        main(["--model", "timm/inception_v9", "--device", "cpu"])
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+    with pytest.raises(SystemExit, match=r'pip install "fused-inception\[timm\]"'):
+        main(["--model", "timm/inception_v4", "--device", "cpu"])
+    with pytest.raises(SystemExit):  # argparse: not a model, not timm/<name>
+        main(["--model", "resnet50", "--device", "cpu"])

@@ -1,8 +1,9 @@
 """Inception-ResNet-v2 as plain PyTorch modules (the unfused reference), with timm's state_dict keys.
 
-`inception_resnet_v2(fused=True)` returns it with `fuse()` applied: every Mixed block and every
+`inception_resnet_v2(fused=True)` returns it with `fuse()` applied: every Mixed block, every
 residual block (Block35/17/8: branches -> cat -> 1x1 up-projection -> x + scale * up -> ReLU?)
-runs through the stage kernel. `width` divides every channel count (1: timm's network and keys'
+and the stem's conv units run through the stage kernel. (timm's own `inception_resnet_v2`, built
+from ConvNormAct, is fused by `fuse()` the same way.) `width` divides every channel count (1: timm's network and keys'
 shapes; larger: a small network with the same structure, for tests and CPU reports).
 """
 
@@ -156,7 +157,7 @@ def inception_resnet_v2(num_classes=1000, width=1, fused=True):
     """Build Inception-ResNet-v2 (timm's keys at width=1), with fuse() applied when `fused`.
 
     Example:
-        >>> model = inception_resnet_v2(width=8).eval()   # 41 fused blocks
+        >>> model = inception_resnet_v2(width=8).eval()   # 43 fused blocks and 6 fused stem conv units
     """
     model = InceptionResnetV2(num_classes=num_classes, width=width)
     if fused:

@@ -1,0 +1,108 @@
+"""Which modules the stage kernel computes as a BatchNorm: torch's, timm's norm + activation layers, frozen ones.
+
+Recognised by structure, without importing timm or torchvision:
+
+- plain: `nn.BatchNorm2d`, `nn.SyncBatchNorm` (exactly these classes; a user's subclass with its own
+  forward is traced through like any module).
+- norm + act: a `BatchNorm2d`/`SyncBatchNorm` subclass whose only children are `drop` and `act`, as
+  timm's `BatchNormAct2d` and `SyncBatchNormAct` (forward: batch norm, then `drop`, then `act`).
+  `act` must be `nn.ReLU` or `nn.Identity` (timm's `apply_act=False`); `drop` `nn.Identity`, or a
+  torch dropout layer (identity in eval: such a block runs eager in training).
+- frozen: a parameter-free module named `*FrozenBatchNorm*` with buffers `weight`, `bias`,
+  `running_mean`, `running_var` and a float `eps` (torchvision's `FrozenBatchNorm2d`, timm's
+  `FrozenBatchNormAct2d` with `drop`/`act` children as above): an eval-mode BatchNorm always, so
+  folded like one; in training its block runs eager (the training kernels use batch statistics).
+
+The norm + act and frozen layers are torch.fx leaves (`pattern._Tracer`): they are interpreted
+here, not traced through.
+
+Example:
+    >>> norms.is_batchnorm(timm.layers.BatchNormAct2d(8))
+    True
+    >>> norms.activation_of(timm.layers.BatchNormAct2d(8, apply_act=False))
+    (False, None)
+"""
+
+from functools import lru_cache
+
+from torch import nn
+
+_PLAIN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_FROZEN_BUFFERS = frozenset(("weight", "bias", "running_mean", "running_var"))
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _children(m):
+    return set(m._modules)
+
+
+def is_norm_act(m):
+    """timm's BatchNormAct2d / SyncBatchNormAct: a BatchNorm subclass with `drop` and `act` children."""
+    return isinstance(m, _PLAIN) and type(m) not in _PLAIN and _children(m) == {"drop", "act"}
+
+
+@lru_cache(maxsize=None)
+def is_frozen_type(cls):
+    """A class named like torchvision's/timm's frozen BatchNorms (the structure is checked by is_frozen)."""
+    return "FrozenBatchNorm" in cls.__name__
+
+
+def is_frozen(m):
+    """torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d: buffers only, eval semantics always."""
+    return (is_frozen_type(type(m)) and not any(p is not None for p in m._parameters.values())
+            and _FROZEN_BUFFERS <= set(m._buffers) and isinstance(getattr(m, "eps", None), float)
+            and _children(m) in (set(), {"drop", "act"}))
+
+
+def is_batchnorm(m):
+    """True for a module the stage kernel folds as a BatchNorm (plain, norm + act, frozen)."""
+    return type(m) in _PLAIN or is_norm_act(m) or is_frozen(m)
+
+
+def is_leaf(m):
+    """Layers that torch.fx must not trace through: their forward is interpreted by `activation_of`."""
+    return is_norm_act(m) or is_frozen(m)
+
+
+def activation_of(m):
+    """(relu, reason) for a BatchNorm layer: relu is True when the layer itself ends with ReLU;
+    reason says why the kernels can't compute it (None when they can)."""
+    act, drop = m._modules.get("act"), m._modules.get("drop")
+    if drop is not None and type(drop) is not nn.Identity and not isinstance(drop, _DROPOUTS):
+        return False, f"its drop layer is {type(drop).__name__}, not nn.Identity or a dropout"
+    if act is None or type(act) is nn.Identity:
+        return False, None
+    if type(act) is nn.ReLU:
+        return True, None
+    return False, f"its activation is {type(act).__name__}, not ReLU"
+
+
+def eager_ops(m):
+    """Kernel-launching operations of the layer's own forward (batch norm, dropout, activation)."""
+    extra = [m._modules.get(name) for name in ("drop", "act")]
+    return 1 + sum(c is not None and type(c) is not nn.Identity for c in extra)
+
+
+def num_features(bn):
+    return bn.num_features if isinstance(bn, _PLAIN) else bn.running_mean.numel()
+
+
+def unsupported_reason(bn):
+    """Why the kernels can't fold `bn` (None when they can)."""
+    if not is_batchnorm(bn):
+        return f"{type(bn).__name__} is not a plain nn.BatchNorm2d or nn.SyncBatchNorm"
+    reason = activation_of(bn)[1]
+    if reason is not None:
+        return f"{type(bn).__name__}: {reason}"
+    if isinstance(bn, _PLAIN) and not bn.track_running_stats:
+        return "BatchNorm without running stats normalises with batch statistics"
+    return None
+
+
+def needs_eager(bn, training):
+    """True when the kernels of a block in `training` mode would not compute what `bn` does: a
+    frozen BatchNorm in training (always running statistics), or a dropout `drop` that is active."""
+    if training and is_frozen(bn):
+        return True
+    drop = bn._modules.get("drop")
+    return drop is not None and type(drop) is not nn.Identity and (training or drop.training)
