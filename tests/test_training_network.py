@@ -43,7 +43,7 @@ from torch import nn
 import torch.nn.functional as F
 import torchvision
 
-from conftest import DEVICE
+from conftest import DEVICE, least_shifts
 from fused_inception import blocks, count_launches
 from fused_inception.models import googlenet
 
@@ -187,14 +187,7 @@ class Shifts:
         self.margins, self.by_name = margins, {}
 
     def shift(self, name, z):
-        margin = self.margins[unit_of(name)]
-        per_channel = z.detach().transpose(0, 1).reshape(z.shape[1], -1)
-        s = torch.zeros(z.shape[1], dtype=z.dtype)
-        for c in torch.nonzero((per_channel.abs() < margin).any(1)).flatten().tolist():
-            v = per_channel[c]
-            candidates = torch.cat([-v - 2 * margin, -v + 2 * margin])
-            ok = ((v[None, :] + candidates[:, None]).abs() >= margin).all(1)
-            s[c] = candidates[ok][candidates[ok].abs().argmin()]
+        s = least_shifts(z, self.margins[unit_of(name)])
         self.by_name[name] = s
         return s.view(1, -1, *[1] * (z.dim() - 2))
 
