@@ -114,6 +114,24 @@ class Decisions(TorchDispatchMode):
         return self._lookup(t)
 
 
+def assert_relu_zero_pattern(actual, pre, margin, what=""):
+    """`actual` (a fused result) against `pre`, the float64 reference's ReLU inputs for it (NaN
+    where no ReLU made it; see Decisions): wherever a ReLU made it, actual >= 0 exactly, and
+    exactly 0 where pre < -margin * max|pre| and > 0 where pre > margin * max|pre| (the reference's
+    decision, wherever rounding, below the margin, cannot take the other one)."""
+    a, p = actual.detach().double().cpu(), pre.detach().double().cpu()
+    assert a.shape == p.shape, f"{what}: shape {tuple(a.shape)} != {tuple(p.shape)}"
+    relu = ~p.isnan()
+    assert relu.any(), f"{what}: no ReLU made this result"
+    bound = margin * p[relu].abs().max().item()
+    below = relu & (a < 0)
+    assert not below.any(), f"{what}: {int(below.sum())} negative values after a ReLU (min {a[below].min():.3e})"
+    wrong_zero, wrong_positive = relu & (p > bound) & (a <= 0), relu & (p < -bound) & (a != 0)
+    assert not wrong_zero.any(), f"{what}: {int(wrong_zero.sum())} zeros where the reference is > {bound:.2e}"
+    assert not wrong_positive.any(), (f"{what}: {int(wrong_positive.sum())} values not exactly 0 where the "
+                                      f"reference is < -{bound:.2e}")
+
+
 def least_shifts(z, margin):
     """Per channel (dim 1) of z, the smallest shift that keeps every value of the channel at least
     `margin` away from zero (0 for channels already so)."""
@@ -158,6 +176,63 @@ def keep_relu_inputs_off_zero_(reference, fused, run, margin):
             if s.any():
                 sources[name].bias += s.to(sources[name].bias.dtype)
                 targets[name].bias.copy_(sources[name].bias)  # the same (rounded) value in both
+
+
+# Block graphs (fused_inception.plan) for the stage-kernel tests: nodes, and their float64 reference.
+
+def conv_node(cin, cout, kernel, stride, padding, bn=True, bias=False, relu=True, pool=None, **kw):
+    """A ConvNode: Conv2d (+ BatchNorm2d(eps=1e-3) if bn) (+ ReLU), an optional nn pool module before it."""
+    from fused_inception.plan import ConvNode, PoolSpec
+
+    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias)
+    pool = PoolSpec.from_module(pool) if pool is not None else None
+    return ConvNode(conv, nn.BatchNorm2d(cout, eps=1e-3) if bn else None, relu=relu, pool=pool, **kw)
+
+
+def pool_node(pool, **kw):
+    """A pool-only ConvNode from an nn.MaxPool2d / nn.AvgPool2d."""
+    from fused_inception.plan import ConvNode, PoolSpec
+
+    return ConvNode(None, None, relu=False, pool=PoolSpec.from_module(pool), **kw)
+
+
+def modules_of(graph):
+    """The graph's convs and BatchNorms (and the residual head's conv), as one module (for randomize_)."""
+    head = [graph.head.conv] if graph.head is not None else []
+    return nn.ModuleList([m for node in graph.nodes for m in (node.conv, node.bn) if m is not None] + head)
+
+
+def _float64_copy(graph):
+    g = copy.deepcopy(graph)
+    for m in modules_of(g):
+        m.double().eval()
+    return g
+
+
+def reference(graph, x):
+    """The graph's eager math (BlockGraph.eager) in float64 on copies of its modules."""
+    with torch.no_grad():
+        return _float64_copy(graph).eager(x.double())
+
+
+def node_results(graph, x):
+    """Every node's result, in float64 on copies of the graph's modules: what its slice of the
+    block output or of `mid` must hold (the computation of BlockGraph.eager, node by node)."""
+    import torch.nn.functional as F
+
+    g, results = _float64_copy(graph), []
+    x = x.double()
+    with torch.no_grad():
+        for node in g.nodes:
+            y = x if node.src is None else results[node.src]
+            if node.pool is not None:
+                y = node.pool.apply(y)
+            if node.conv is not None:
+                y = node.conv(y)
+            if node.bn is not None:
+                y = node.bn(y)
+            results.append(F.relu(y) if node.relu else y)
+    return results
 
 
 def randomize_(model, seed=0):

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from conftest import TOL, assert_close_rel, randomize_
+from conftest import TOL, assert_close_rel, conv_node, modules_of, pool_node, randomize_, reference
 from fused_inception import count_launches
 from fused_inception.kernels import conv as kconv
-from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, build_plan
+from fused_inception.plan import BlockGraph, PoolSpec, build_plan
 
 # (kernel, stride, padding): each kernel size an Inception network uses, with strides 1 and 2
 # and "same", zero and asymmetric padding.
@@ -31,38 +31,11 @@ GEOMETRIES = [
 ]
 
 
-def conv_node(cin, cout, kernel, stride, padding, bn=True, bias=False, relu=True, pool=None, **kw):
-    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias)
-    pool = PoolSpec.from_module(pool) if pool is not None else None
-    return ConvNode(conv, nn.BatchNorm2d(cout, eps=1e-3) if bn else None, relu=relu, pool=pool, **kw)
-
-
-def reference(graph, x):
-    """The graph's eager math in float64 on copies of its modules."""
-    import copy
-
-    g = copy.deepcopy(graph)
-    for node in g.nodes:
-        for m in (node.conv, node.bn):
-            if m is not None:
-                m.double().eval()
-    with torch.no_grad():
-        return g.eager(x.double())
-
-
 def run_fused(graph, x):
     plan = build_plan(graph, x.device, x.dtype)
     with torch.no_grad(), count_launches() as n:
         y = plan.run(x, torch.contiguous_format)
     return y, n.value, plan
-
-
-def modules_of(graph):
-    return nn.ModuleList([m for node in graph.nodes for m in (node.conv, node.bn) if m is not None])
-
-
-def pool_node(pool):
-    return ConvNode(None, None, relu=False, pool=PoolSpec.from_module(pool))
 
 
 @pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES, ids=lambda v: str(v).replace(" ", ""))
