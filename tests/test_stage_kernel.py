@@ -64,9 +64,17 @@ def test_epilogue_variants(bn, bias, relu, device):
     nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True),
     nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=True),
     nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
-], ids=["max", "avg_include_pad", "avg_exclude_pad"])
+    # Non-square windows with different y and x padding (the map keeps its size, as a block needs):
+    nn.MaxPool2d((3, 5), stride=1, padding=(1, 2), ceil_mode=True),
+    nn.AvgPool2d((5, 3), stride=1, padding=(2, 1), count_include_pad=True),
+    nn.AvgPool2d((5, 3), stride=1, padding=(2, 1), ceil_mode=True, count_include_pad=False),
+    nn.MaxPool2d((1, 3), stride=1, padding=(0, 1)),
+], ids=["max", "avg_include_pad", "avg_exclude_pad", "max3x5", "avg5x3_include_pad", "avg5x3_exclude_pad_ceil",
+        "max1x3"])
 def test_pre_pool(pool, device):
-    graph = BlockGraph([conv_node(23, 33, (1, 1), 1, (0, 0), pool=pool)], [0], in_channels=23)
+    """A pool fused into the load of a 1x1 conv, next to a 3x3 conv of the same input (one launch)."""
+    graph = BlockGraph([conv_node(23, 33, (1, 1), 1, (0, 0), pool=pool), conv_node(23, 10, (3, 3), 1, (1, 1))],
+                       [0, 1], in_channels=23)
     randomize_(modules_of(graph), seed=5).to(device)
     x = torch.randn(2, 23, 7, 5, device=device)
     y, launches, _ = run_fused(graph, x)
@@ -134,7 +142,15 @@ def test_half_precision_geometry(dtype, device):
     nn.MaxPool2d(2, stride=2, padding=1),
     nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
     nn.AvgPool2d(5, stride=3),  # Inception v3 aux head
-], ids=["max3s2", "max3s2ceil", "max2s2p1", "avg3s2p1_excl", "avg5s3"])
+    # Non-square windows, strides and paddings (y and x each differ):
+    nn.MaxPool2d((3, 2), stride=(2, 1), padding=(1, 0), ceil_mode=True),
+    nn.MaxPool2d((2, 3), stride=(1, 3), padding=(0, 1), ceil_mode=True),  # a partial last column
+    nn.MaxPool2d((3, 1), stride=(2, 2), padding=(1, 0)),
+    nn.AvgPool2d((3, 2), stride=(2, 1), padding=(1, 0), count_include_pad=True),
+    nn.AvgPool2d((3, 2), stride=(2, 1), padding=(1, 0), count_include_pad=False),
+    nn.AvgPool2d((2, 5), stride=(3, 2), padding=(1, 2), count_include_pad=False),
+], ids=["max3s2", "max3s2ceil", "max2s2p1", "avg3s2p1_excl", "avg5s3", "max3x2s2x1p1x0ceil", "max2x3s1x3p0x1ceil",
+        "max3x1s2p1x0", "avg3x2s2x1p1x0_incl", "avg3x2s2x1p1x0_excl", "avg2x5s3x2p1x2_excl"])
 def test_pool_only_problem_and_strided_pre_pool(pool, device):
     """A pool alone (no GEMM) written to an output slice next to a conv, and the same pool fused
     in front of a 1x1 conv, for strided windows."""
