@@ -215,6 +215,19 @@ def reference(graph, x):
         return _float64_copy(graph).eager(x.double())
 
 
+def assert_matches_reference(actual, graph, x, tol, what=""):
+    """`actual` (a fused block output) against the graph's float64 reference: within tol (see
+    assert_close_rel), and wherever a ReLU made it, the reference's exact zero pattern
+    (assert_relu_zero_pattern, with margin tol). Returns the reference."""
+    with Decisions() as decisions:
+        expected = reference(graph, x)
+    assert_close_rel(actual, expected, tol, what)
+    pre = decisions.pre_activation(expected)
+    if pre is not None:
+        assert_relu_zero_pattern(actual, pre, tol, what)
+    return expected
+
+
 def node_results(graph, x):
     """Every node's result, in float64 on copies of the graph's modules: what its slice of the
     block output or of `mid` must hold (the computation of BlockGraph.eager, node by node)."""

@@ -1,7 +1,8 @@
 """The stage kernel against F.conv2d (+ BN + ReLU, + pool) for each geometry it supports.
 
 Channel counts are deliberately not multiples of 16 and spatial sizes odd, so every mask of
-the tiles (pixels, input channels, output channels) is exercised.
+the tiles (pixels, input channels, output channels) is exercised. Besides the tolerance, every
+result a ReLU made has the float64 reference's exact zero pattern (conftest.assert_matches_reference).
 """
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from conftest import TOL, assert_close_rel, conv_node, modules_of, pool_node, randomize_, reference
+from conftest import (TOL, Decisions, assert_close_rel, assert_matches_reference, assert_relu_zero_pattern, conv_node,
+                      modules_of, pool_node, randomize_, reference)
 from fused_inception import count_launches
 from fused_inception.kernels import conv as kconv
 from fused_inception.plan import BlockGraph, PoolSpec, build_plan
@@ -45,7 +47,7 @@ def test_conv_geometry(kernel, stride, padding, device):
     x = torch.randn(2, 19, 11, 9, device=device)
     y, launches, _ = run_fused(graph, x)
     assert launches == 1
-    assert_close_rel(y, reference(graph, x), TOL[torch.float32], f"{kernel} s{stride} p{padding}")
+    assert_matches_reference(y, graph, x, TOL[torch.float32], f"{kernel} s{stride} p{padding}")
 
 
 @pytest.mark.parametrize("bn,bias,relu", [(False, True, True), (True, True, False), (False, False, False)])
@@ -55,9 +57,27 @@ def test_epilogue_variants(bn, bias, relu, device):
     randomize_(modules_of(graph), seed=7).to(device)
     x = torch.randn(1, 21, 7, 10, device=device)
     y, _, _ = run_fused(graph, x)
-    expected = reference(graph, x)
-    assert_close_rel(y, expected, TOL[torch.float32])
+    assert_matches_reference(y, graph, x, TOL[torch.float32])
     assert bool((y < 0).any()) == (not relu)
+
+
+def test_relu_is_exactly_zero_near_zero(device):
+    """Pre-activations of order 1e-3, so that hundreds lie within 1e-4 of zero (asserted): a ReLU
+    clamping at a small negative threshold instead of 0 leaves negative values there, and one
+    clamping at a small positive one leaves zeros where the reference is positive."""
+    graph = BlockGraph([conv_node(21, 70, (3, 3), 1, (1, 1), bn=False, bias=True)], [0], in_channels=21)
+    randomize_(modules_of(graph), seed=17).to(device)
+    with torch.no_grad():
+        graph.nodes[0].conv.weight.mul_(1e-3)
+        graph.nodes[0].conv.bias.mul_(1e-3)
+    x = torch.randn(2, 21, 7, 10, device=device)
+    y, _, _ = run_fused(graph, x)
+    with Decisions() as decisions:
+        expected = reference(graph, x)
+    pre = decisions.pre_activation(expected)
+    assert int(((pre < 0) & (pre > -1e-4)).sum()) > 100 and int(((pre > 0) & (pre < 1e-4)).sum()) > 100
+    assert_relu_zero_pattern(y, pre, TOL[torch.float32])
+    assert_close_rel(y, expected, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("pool", [
@@ -79,7 +99,7 @@ def test_pre_pool(pool, device):
     x = torch.randn(2, 23, 7, 5, device=device)
     y, launches, _ = run_fused(graph, x)
     assert launches == 1
-    assert_close_rel(y, reference(graph, x), TOL[torch.float32], str(pool))
+    assert_matches_reference(y, graph, x, TOL[torch.float32], str(pool))
 
 
 def test_slices_at_nonzero_offsets_and_merged_gemm(device):
@@ -101,7 +121,7 @@ def test_slices_at_nonzero_offsets_and_merged_gemm(device):
     assert launches == 2
     assert plan.stages[0].nodes[0] == (0, 1, 2)  # one GEMM for the three 1x1s on the input
     assert plan.mid_channels == 28
-    assert_close_rel(y, reference(graph, x), TOL[torch.float32])
+    assert_matches_reference(y, graph, x, TOL[torch.float32])
 
 
 def test_direct_launch_reads_and_writes_slices(device):
@@ -133,7 +153,7 @@ def test_half_precision_geometry(dtype, device):
     x = torch.randn(2, 18, 9, 9, device=device)
     y, _, _ = run_fused(graph, x.to(dtype))
     assert y.dtype == dtype
-    assert_close_rel(y, reference(graph, x), TOL[dtype], str(dtype))
+    assert_matches_reference(y, graph, x, TOL[dtype], str(dtype))
 
 
 @pytest.mark.parametrize("pool", [
@@ -161,7 +181,7 @@ def test_pool_only_problem_and_strided_pre_pool(pool, device):
     x = torch.randn(2, 23, 11, 10, device=device)
     y, launches, plan = run_fused(graph, x)
     assert launches == 1 and len(plan.stages[0].nodes) == 2
-    assert_close_rel(y, reference(graph, x), TOL[torch.float32], str(pool))
+    assert_matches_reference(y, graph, x, TOL[torch.float32], str(pool))
 
 
 def test_max_pool_propagates_nan(device):
@@ -169,7 +189,7 @@ def test_max_pool_propagates_nan(device):
     x = torch.randn(1, 4, 7, 7, device=device)
     x[0, 1, 2, 2] = float("nan")
     y, _, _ = run_fused(graph, x)
-    assert_close_rel(y, reference(graph, x), TOL[torch.float32])
+    assert_matches_reference(y, graph, x, TOL[torch.float32])
     assert y[0, 1].isnan().sum() == 4  # every window that covers (2, 2)
 
 
