@@ -14,7 +14,7 @@ from conftest import (TOL, Decisions, assert_close_rel, assert_matches_reference
                       modules_of, pool_node, randomize_, reference)
 from fused_inception import count_launches
 from fused_inception.kernels import conv as kconv
-from fused_inception.plan import BlockGraph, PoolSpec, build_plan
+from fused_inception.plan import BlockGraph, PoolSpec, ResidualHead, build_plan
 
 # (kernel, stride, padding): each kernel size an Inception network uses, with strides 1 and 2
 # and "same", zero and asymmetric padding.
@@ -182,6 +182,29 @@ def test_pool_only_problem_and_strided_pre_pool(pool, device):
     y, launches, plan = run_fused(graph, x)
     assert launches == 1 and len(plan.stages[0].nodes) == 2
     assert_matches_reference(y, graph, x, TOL[torch.float32], str(pool))
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+def test_residual_head(relu, device):
+    """Inception-ResNet's last stage on its own: relu?(x + 0.3 * (up(cat) + bias)), where output
+    channel n adds the block input's channel n. 70 channels: two column tiles (64 wide under the
+    interpreter), so channel n is not the column within its tile; x is NHWC and the output NCHW,
+    so their channel strides differ; every channel of x is different, so reading the residual
+    from any other channel changes the result."""
+    cin = 70
+    nodes = [conv_node(cin, 12, (1, 1), 1, (0, 0)),  # cat channels 0..11
+             conv_node(cin, 9, (1, 1), 1, (0, 0)),  # reduction, mid after the cat
+             conv_node(9, 13, (3, 3), 1, (1, 1), src=1)]  # cat channels 12..24
+    head = ResidualHead(nn.Conv2d(25, cin, 1, bias=True), scale=0.3, relu=relu)
+    graph = BlockGraph(nodes, [0, 2], in_channels=cin, head=head)
+    randomize_(modules_of(graph), seed=19).to(device)
+    x = (torch.randn(2, cin, 5, 7, device=device) + torch.arange(cin, device=device).view(1, -1, 1, 1) / cin
+         ).to(memory_format=torch.channels_last)
+    y, launches, plan = run_fused(graph, x)
+    assert launches == 3 and plan.layout.stages[-1][0].row["res"] == 1
+    assert y.is_contiguous()
+    expected = assert_matches_reference(y, graph, x, TOL[torch.float32], "residual")
+    assert bool((expected < 0).any()) == (not relu)
 
 
 def test_max_pool_propagates_nan(device):
