@@ -13,9 +13,12 @@ if DEVICE == "cpu":
 else:
     os.environ.setdefault("TRITON_INTERPRET", "0")
 
+import copy  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from fused_inception.kernels import conv as kconv  # noqa: E402
 from fused_inception.report import informative_init_  # noqa: E402
@@ -35,6 +38,214 @@ def assert_close_rel(actual, expected, tol, what=""):
     err = (a - e).abs().max().item() if a.numel() else 0.0
     assert err <= tol * max(scale, 1e-30), f"{what}: max abs error {err:.3e} > {tol:g} * max |ref| {scale:.3e}"
     return err
+
+
+def _pool_gap(x, kernel, stride, padding, ceil_mode):
+    """The smallest lead of a max-pool window's largest value over its next smaller one (equal
+    values are one value: a pixel an earlier max pool copied routes the gradient the same way),
+    relative to max |x|; inf if no window has two different values. Arguments as ATen takes them."""
+    import torch.nn.functional as F
+
+    def pair(v):
+        return (v[0], v[0]) if len(v) == 1 else tuple(v)
+
+    (kh, kw), (ph, pw) = pair(kernel), pair(padding)
+    sh, sw = pair(stride) if len(stride) else (kh, kw)
+    oh, ow = F.max_pool2d(x, (kh, kw), (sh, sw), (ph, pw), 1, ceil_mode).shape[2:]
+    h, w = x.shape[2:]
+    padded = F.pad(x, (pw, max((ow - 1) * sw + kw - w - pw, 0), ph, max((oh - 1) * sh + kh - h - ph, 0)),
+                   value=float("-inf"))
+    windows = padded.unfold(2, kh, sh).unfold(3, kw, sw)[:, :, :oh, :ow].reshape(*x.shape[:2], oh, ow, -1)
+    top = windows.max(-1, keepdim=True).values
+    runner_up = torch.where(windows < top, windows, float("-inf")).max(-1).values
+    gaps = (top[..., 0] - runner_up)[runner_up > float("-inf")]
+    largest = x.abs().max().item()
+    return gaps.min().item() / largest if gaps.numel() and largest > 0 else float("inf")
+
+
+class Decisions(TorchDispatchMode):
+    """While active, watches the ReLUs and max pools of float64 computations (a reference), the
+    places where the fp32 result takes a discrete decision that rounding could flip:
+
+    - `relu_margin`: the least |input| of any ReLU relative to that input's largest |value|;
+    - `pool_margin`: the least lead of a max-pool window's winner over its runner-up, relative to
+      the pool input's largest |value|;
+    - `pre_activation(t)`: for a result t made of ReLU outputs joined by torch.cat, the ReLU
+      inputs laid out as t (NaN in what no ReLU produced: a pool-only branch, a conv without
+      ReLU), or None.
+    """
+
+    _RELU = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+    _MAX_POOL = (torch.ops.aten.max_pool2d.default, torch.ops.aten.max_pool2d_with_indices.default)
+
+    def __init__(self):
+        super().__init__()
+        self.relu_margin = self.pool_margin = float("inf")
+        self._pre = {}  # id(result) -> (result, its pre-activation); results kept alive
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        watched = isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64
+        if func in self._RELU and watched:
+            z = args[0].detach().clone()  # (before relu_ overwrites it)
+            out = func(*args, **kwargs)
+            largest = z.abs().max().item() if z.numel() else 0.0
+            if largest > 0:
+                self.relu_margin = min(self.relu_margin, z.abs().min().item() / largest)
+            self._pre[id(out)] = (out, z)
+            return out
+        if func in self._MAX_POOL and watched:
+            # (input, kernel_size, stride=[], padding=[0], dilation=[1], ceil_mode=False)
+            kernel, stride, padding, _, ceil_mode = list(args[1:]) + [[], [0], [1], False][len(args) - 2:]
+            self.pool_margin = min(self.pool_margin, _pool_gap(args[0].detach(), kernel, stride, padding, ceil_mode))
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten.cat.default and args[0] and args[0][0].dtype == torch.float64:
+            parts = [self._lookup(t) for t in args[0]]
+            if any(p is not None for p in parts):
+                parts = [torch.full_like(t, float("nan")) if p is None else p for t, p in zip(args[0], parts)]
+                self._pre[id(out)] = (out, func(parts, *args[1:], **kwargs))
+        return out
+
+    def _lookup(self, t):
+        entry = self._pre.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def pre_activation(self, t):
+        return self._lookup(t)
+
+
+def assert_relu_zero_pattern(actual, pre, margin, what=""):
+    """`actual` (a fused result) against `pre`, the float64 reference's ReLU inputs for it (NaN
+    where no ReLU made it; see Decisions): wherever a ReLU made it, actual >= 0 exactly, and
+    exactly 0 where pre < -margin * max|pre| and > 0 where pre > margin * max|pre| (the reference's
+    decision, wherever rounding, below the margin, cannot take the other one)."""
+    a, p = actual.detach().double().cpu(), pre.detach().double().cpu()
+    assert a.shape == p.shape, f"{what}: shape {tuple(a.shape)} != {tuple(p.shape)}"
+    relu = ~p.isnan()
+    assert relu.any(), f"{what}: no ReLU made this result"
+    bound = margin * p[relu].abs().max().item()
+    below = relu & (a < 0)
+    assert not below.any(), f"{what}: {int(below.sum())} negative values after a ReLU (min {a[below].min():.3e})"
+    wrong_zero, wrong_positive = relu & (p > bound) & (a <= 0), relu & (p < -bound) & (a != 0)
+    assert not wrong_zero.any(), f"{what}: {int(wrong_zero.sum())} zeros where the reference is > {bound:.2e}"
+    assert not wrong_positive.any(), (f"{what}: {int(wrong_positive.sum())} values not exactly 0 where the "
+                                      f"reference is < -{bound:.2e}")
+
+
+def least_shifts(z, margin):
+    """Per channel (dim 1) of z, the smallest shift that keeps every value of the channel at least
+    `margin` away from zero (0 for channels already so)."""
+    per_channel = z.detach().transpose(0, 1).reshape(z.shape[1], -1)
+    shifts = torch.zeros(z.shape[1], dtype=z.dtype, device=z.device)
+    for c in torch.nonzero((per_channel.abs() < margin).any(1)).flatten().tolist():
+        v = per_channel[c]
+        candidates = torch.cat([-v - 2 * margin, -v + 2 * margin])
+        ok = ((v[None, :] + candidates[:, None]).abs() >= margin).all(1)
+        shifts[c] = candidates[ok][candidates[ok].abs().argmin()]
+    return shifts
+
+
+def keep_relu_inputs_off_zero_(reference, fused, run, margin):
+    """Shift the bias of every BatchNorm (beta) and of every conv that has one, in `fused` and in
+    `reference` (same module names; reference in float64, train mode), by the least amount that
+    keeps each of their outputs in `run(reference)` at least margin * its max |value| away from
+    zero, layer by layer in forward order. A ReLU after them then takes the same decision in the
+    fused fp32 kernels as in float64 whatever the rounding, as long as the two are less than the
+    margin apart (callers assert the margins with Decisions); the shift is a choice of parameters,
+    the same in both models."""
+    probe = copy.deepcopy(reference)
+    shifted, handles = {}, []
+
+    def hook(name):
+        def shift(module, args, out):
+            s = least_shifts(out, margin * out.abs().max().item())
+            shifted[name] = s
+            return out + s.view(1, -1, *[1] * (out.dim() - 2))
+        return shift
+
+    for name, m in probe.named_modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.Conv2d)) and getattr(m, "bias", None) is not None:
+            handles.append(m.register_forward_hook(hook(name)))
+    with torch.no_grad():
+        run(probe)
+    for h in handles:
+        h.remove()
+    targets, sources = dict(reference.named_modules()), dict(fused.named_modules())
+    with torch.no_grad():
+        for name, s in shifted.items():
+            if s.any():
+                sources[name].bias += s.to(sources[name].bias.dtype)
+                targets[name].bias.copy_(sources[name].bias)  # the same (rounded) value in both
+
+
+# Block graphs (fused_inception.plan) for the stage-kernel tests: nodes, and their float64 reference.
+
+def conv_node(cin, cout, kernel, stride, padding, bn=True, bias=False, relu=True, pool=None, **kw):
+    """A ConvNode: Conv2d (+ BatchNorm2d(eps=1e-3) if bn) (+ ReLU), an optional nn pool module before it."""
+    from fused_inception.plan import ConvNode, PoolSpec
+
+    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias)
+    pool = PoolSpec.from_module(pool) if pool is not None else None
+    return ConvNode(conv, nn.BatchNorm2d(cout, eps=1e-3) if bn else None, relu=relu, pool=pool, **kw)
+
+
+def pool_node(pool, **kw):
+    """A pool-only ConvNode from an nn.MaxPool2d / nn.AvgPool2d."""
+    from fused_inception.plan import ConvNode, PoolSpec
+
+    return ConvNode(None, None, relu=False, pool=PoolSpec.from_module(pool), **kw)
+
+
+def modules_of(graph):
+    """The graph's convs and BatchNorms (and the residual head's conv), as one module (for randomize_)."""
+    head = [graph.head.conv] if graph.head is not None else []
+    return nn.ModuleList([m for node in graph.nodes for m in (node.conv, node.bn) if m is not None] + head)
+
+
+def _float64_copy(graph):
+    g = copy.deepcopy(graph)
+    for m in modules_of(g):
+        m.double().eval()
+    return g
+
+
+def reference(graph, x):
+    """The graph's eager math (BlockGraph.eager) in float64 on copies of its modules."""
+    with torch.no_grad():
+        return _float64_copy(graph).eager(x.double())
+
+
+def assert_matches_reference(actual, graph, x, tol, what=""):
+    """`actual` (a fused block output) against the graph's float64 reference: within tol (see
+    assert_close_rel), and wherever a ReLU made it, the reference's exact zero pattern
+    (assert_relu_zero_pattern, with margin tol). Returns the reference."""
+    with Decisions() as decisions:
+        expected = reference(graph, x)
+    assert_close_rel(actual, expected, tol, what)
+    pre = decisions.pre_activation(expected)
+    if pre is not None:
+        assert_relu_zero_pattern(actual, pre, tol, what)
+    return expected
+
+
+def node_results(graph, x):
+    """Every node's result, in float64 on copies of the graph's modules: what its slice of the
+    block output or of `mid` must hold (the computation of BlockGraph.eager, node by node)."""
+    import torch.nn.functional as F
+
+    g, results = _float64_copy(graph), []
+    x = x.double()
+    with torch.no_grad():
+        for node in g.nodes:
+            y = x if node.src is None else results[node.src]
+            if node.pool is not None:
+                y = node.pool.apply(y)
+            if node.conv is not None:
+                y = node.conv(y)
+            if node.bn is not None:
+                y = node.bn(y)
+            results.append(F.relu(y) if node.relu else y)
+    return results
 
 
 def randomize_(model, seed=0):

@@ -11,6 +11,12 @@ interpreter in every process; each rank trains on half of the batch.
   averaged with all_reduce here, as DDP's reducer does: DDP itself refuses SyncBatchNorm in CPU
   modules ("SyncBatchNorm layers only work with GPU modules"), and eager SyncBatchNorm runs on
   GPUs only.
+
+These compare fp32 with fp32 after two SGD steps, so a ReLU input or a max-pool near-tie within
+rounding of its other decision would make the result luck. The seeds are chosen so that, in a
+float64 run of the same steps, every ReLU input and every max-pool winner's lead is at least 1e-5
+of its tensor's max, 15x the fp32 error of these models (asserted by
+test_decisions_are_not_rounding_luck).
 """
 
 import os
@@ -25,11 +31,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.models.googlenet import BasicConv2d, Inception
 
-from conftest import DEVICE, TOL, SequentialNoBN, assert_close_rel, randomize_
+from conftest import DEVICE, TOL, Decisions, SequentialNoBN, assert_close_rel, randomize_
 from fused_inception import FusedBasicConv2d, FusedInception, fuse
 
 WORLD = 2
 STEPS = 2
+SEEDS = {"data": 25, "bn": 25, "no_bn": 26}  # see the module docstring
 
 
 def build(fused, batchnorm=True):
@@ -44,7 +51,7 @@ def build(fused, batchnorm=True):
 
 
 def data():
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(SEEDS["data"])
     return ([torch.randn(2 * WORLD, 3, 8, 8, generator=g) for _ in range(STEPS)],
             [torch.randint(0, 5, (2 * WORLD,), generator=g) for _ in range(STEPS)])
 
@@ -114,9 +121,42 @@ def assert_same_state(actual, expected, what):
             assert_close_rel(actual[key], value, TOL[torch.float32], f"{what}, {key}")
 
 
+def initial_states():
+    return {"bn": state(randomize_(build(False), SEEDS["bn"])),
+            "no_bn": state(randomize_(build(False, False), SEEDS["no_bn"]))}
+
+
+def decision_margins(initial, batchnorm, per_rank):
+    """(ReLU margin, max-pool margin) (conftest.Decisions) over the forward passes of the STEPS
+    SGD steps in float64: per rank's half batch with the gradients averaged (DDP with per-rank
+    BatchNorm), or the whole batch (SyncBatchNorm, and DDP without BatchNorm, compute as that)."""
+    model = build(False, batchnorm)
+    model.load_state_dict(initial)
+    model = model.double().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    relu = pool = float("inf")
+    for x, y in zip(*data()):
+        opt.zero_grad()
+        parts = [slice(r * 2, r * 2 + 2) for r in range(WORLD)] if per_rank else [slice(None)]
+        for part in parts:
+            with Decisions() as decisions:
+                out = model(x[part].double())
+            (F.cross_entropy(out, y[part]) / len(parts)).backward()
+            relu, pool = min(relu, decisions.relu_margin), min(pool, decisions.pool_margin)
+        opt.step()
+    return relu, pool
+
+
+def test_decisions_are_not_rounding_luck():
+    initial = initial_states()
+    for key, batchnorm, per_rank in (("bn", True, True), ("bn", True, False), ("no_bn", False, False)):
+        relu, pool = decision_margins(initial[key], batchnorm, per_rank)
+        assert relu >= 1e-5 and pool >= 1e-5, (key, per_rank, relu, pool)
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the gloo processes run on CPU through the interpreter")
 def test_distributed_training_two_ranks(tmp_path):
-    initial = {"bn": state(randomize_(build(False), 0)), "no_bn": state(randomize_(build(False, False), 1))}
+    initial = initial_states()
     path = str(tmp_path / "result")
     mp.spawn(worker, args=(free_port(), initial, path), nprocs=WORLD, join=True)
     ranks = [torch.load(f"{path}.{r}") for r in range(WORLD)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.models.googlenet import Inception
 
-from conftest import TOL, assert_close_rel, randomize_
+from conftest import TOL, Decisions, assert_close_rel, assert_relu_zero_pattern, randomize_
 from fused_inception import FusedInception, count_launches
 
 # (name, Inception args) exactly as torchvision.models.GoogLeNet builds them.
@@ -34,13 +34,16 @@ def test_block_matches_torchvision(name, args, batch, size, device, interpreter_
     ref, fused = make_pair(args, device)
     x = torch.randn(batch, args[0], size, size, device=device)
     with torch.no_grad():
-        expected = ref.double()(x.double())
+        with Decisions() as decisions:
+            expected = ref.double()(x.double())
         with count_launches() as n:
             y = fused(x)
     assert n.value == 2  # the longest chain: reduce 1x1 -> 3x3
     assert len(interpreter_launches) == 2
     assert y.dtype == x.dtype and y.is_contiguous()
     assert_close_rel(y, expected, TOL[torch.float32], f"inception{name}")
+    # Every channel comes out of a ReLU: the exact zeros of the reference (wherever not within rounding of 0).
+    assert_relu_zero_pattern(y, decisions.pre_activation(expected), TOL[torch.float32], f"inception{name}")
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "nchw_sliced"])

@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torchvision.models import inception as tv
 
-from conftest import TOL, assert_close_rel, randomize_
+from conftest import TOL, Decisions, assert_close_rel, assert_relu_zero_pattern, randomize_
 from fused_inception import (FusedInceptionA, FusedInceptionB, FusedInceptionC, FusedInceptionD,
                              FusedInceptionE, build_plans, count_launches)
 from fused_inception.launches import count_torch_kernels
@@ -30,11 +30,14 @@ def test_block_matches_torchvision(fused_cls, tv_cls, args, size, launches, devi
     fused = fused.to(device)
     x = torch.randn(2, args[0], size, size)
     with torch.no_grad():
-        expected = ref.double()(x.double())
+        with Decisions() as decisions:
+            expected = ref.double()(x.double())
         with count_launches() as n:
             y = fused(x.to(device))
     assert n.value == launches == fused.launches == len(interpreter_launches)
     assert_close_rel(y, expected, TOL[torch.float32], tv_cls.__name__)
+    # The exact zeros of the reference's ReLUs (not the channels of B's and D's pool-only branch).
+    assert_relu_zero_pattern(y, decisions.pre_activation(expected), TOL[torch.float32], tv_cls.__name__)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The stage kernel against F.conv2d (+ BN + ReLU, + pool) for each geometry it supports.
 
 Channel counts are deliberately not multiples of 16 and spatial sizes odd, so every mask of
-the tiles (pixels, input channels, output channels) is exercised.
+the tiles (pixels, input channels, output channels) is exercised. Besides the tolerance, every
+result a ReLU made has the float64 reference's exact zero pattern (conftest.assert_matches_reference).
 """
 
 import pytest
@@ -9,10 +10,11 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from conftest import TOL, assert_close_rel, randomize_
+from conftest import (TOL, Decisions, assert_close_rel, assert_matches_reference, assert_relu_zero_pattern, conv_node,
+                      modules_of, pool_node, randomize_, reference)
 from fused_inception import count_launches
 from fused_inception.kernels import conv as kconv
-from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, build_plan
+from fused_inception.plan import BlockGraph, PoolSpec, ResidualHead, build_plan
 
 # (kernel, stride, padding): each kernel size an Inception network uses, with strides 1 and 2
 # and "same", zero and asymmetric padding.
@@ -31,38 +33,11 @@ GEOMETRIES = [
 ]
 
 
-def conv_node(cin, cout, kernel, stride, padding, bn=True, bias=False, relu=True, pool=None, **kw):
-    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias)
-    pool = PoolSpec.from_module(pool) if pool is not None else None
-    return ConvNode(conv, nn.BatchNorm2d(cout, eps=1e-3) if bn else None, relu=relu, pool=pool, **kw)
-
-
-def reference(graph, x):
-    """The graph's eager math in float64 on copies of its modules."""
-    import copy
-
-    g = copy.deepcopy(graph)
-    for node in g.nodes:
-        for m in (node.conv, node.bn):
-            if m is not None:
-                m.double().eval()
-    with torch.no_grad():
-        return g.eager(x.double())
-
-
 def run_fused(graph, x):
     plan = build_plan(graph, x.device, x.dtype)
     with torch.no_grad(), count_launches() as n:
         y = plan.run(x, torch.contiguous_format)
     return y, n.value, plan
-
-
-def modules_of(graph):
-    return nn.ModuleList([m for node in graph.nodes for m in (node.conv, node.bn) if m is not None])
-
-
-def pool_node(pool):
-    return ConvNode(None, None, relu=False, pool=PoolSpec.from_module(pool))
 
 
 @pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES, ids=lambda v: str(v).replace(" ", ""))
@@ -72,7 +47,7 @@ def test_conv_geometry(kernel, stride, padding, device):
     x = torch.randn(2, 19, 11, 9, device=device)
     y, launches, _ = run_fused(graph, x)
     assert launches == 1
-    assert_close_rel(y, reference(graph, x), TOL[torch.float32], f"{kernel} s{stride} p{padding}")
+    assert_matches_reference(y, graph, x, TOL[torch.float32], f"{kernel} s{stride} p{padding}")
 
 
 @pytest.mark.parametrize("bn,bias,relu", [(False, True, True), (True, True, False), (False, False, False)])
@@ -82,23 +57,49 @@ def test_epilogue_variants(bn, bias, relu, device):
     randomize_(modules_of(graph), seed=7).to(device)
     x = torch.randn(1, 21, 7, 10, device=device)
     y, _, _ = run_fused(graph, x)
-    expected = reference(graph, x)
-    assert_close_rel(y, expected, TOL[torch.float32])
+    assert_matches_reference(y, graph, x, TOL[torch.float32])
     assert bool((y < 0).any()) == (not relu)
+
+
+def test_relu_is_exactly_zero_near_zero(device):
+    """Pre-activations of order 1e-3, so that hundreds lie within 1e-4 of zero (asserted): a ReLU
+    clamping at a small negative threshold instead of 0 leaves negative values there, and one
+    clamping at a small positive one leaves zeros where the reference is positive."""
+    graph = BlockGraph([conv_node(21, 70, (3, 3), 1, (1, 1), bn=False, bias=True)], [0], in_channels=21)
+    randomize_(modules_of(graph), seed=17).to(device)
+    with torch.no_grad():
+        graph.nodes[0].conv.weight.mul_(1e-3)
+        graph.nodes[0].conv.bias.mul_(1e-3)
+    x = torch.randn(2, 21, 7, 10, device=device)
+    y, _, _ = run_fused(graph, x)
+    with Decisions() as decisions:
+        expected = reference(graph, x)
+    pre = decisions.pre_activation(expected)
+    assert int(((pre < 0) & (pre > -1e-4)).sum()) > 100 and int(((pre > 0) & (pre < 1e-4)).sum()) > 100
+    assert_relu_zero_pattern(y, pre, TOL[torch.float32])
+    assert_close_rel(y, expected, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("pool", [
     nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True),
     nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=True),
     nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
-], ids=["max", "avg_include_pad", "avg_exclude_pad"])
+    # Non-square windows with different y and x padding (the map keeps its size, as a block needs):
+    nn.MaxPool2d((3, 5), stride=1, padding=(1, 2), ceil_mode=True),
+    nn.AvgPool2d((5, 3), stride=1, padding=(2, 1), count_include_pad=True),
+    nn.AvgPool2d((5, 3), stride=1, padding=(2, 1), ceil_mode=True, count_include_pad=False),
+    nn.MaxPool2d((1, 3), stride=1, padding=(0, 1)),
+], ids=["max", "avg_include_pad", "avg_exclude_pad", "max3x5", "avg5x3_include_pad", "avg5x3_exclude_pad_ceil",
+        "max1x3"])
 def test_pre_pool(pool, device):
-    graph = BlockGraph([conv_node(23, 33, (1, 1), 1, (0, 0), pool=pool)], [0], in_channels=23)
+    """A pool fused into the load of a 1x1 conv, next to a 3x3 conv of the same input (one launch)."""
+    graph = BlockGraph([conv_node(23, 33, (1, 1), 1, (0, 0), pool=pool), conv_node(23, 10, (3, 3), 1, (1, 1))],
+                       [0, 1], in_channels=23)
     randomize_(modules_of(graph), seed=5).to(device)
     x = torch.randn(2, 23, 7, 5, device=device)
     y, launches, _ = run_fused(graph, x)
     assert launches == 1
-    assert_close_rel(y, reference(graph, x), TOL[torch.float32], str(pool))
+    assert_matches_reference(y, graph, x, TOL[torch.float32], str(pool))
 
 
 def test_slices_at_nonzero_offsets_and_merged_gemm(device):
@@ -120,7 +121,7 @@ def test_slices_at_nonzero_offsets_and_merged_gemm(device):
     assert launches == 2
     assert plan.stages[0].nodes[0] == (0, 1, 2)  # one GEMM for the three 1x1s on the input
     assert plan.mid_channels == 28
-    assert_close_rel(y, reference(graph, x), TOL[torch.float32])
+    assert_matches_reference(y, graph, x, TOL[torch.float32])
 
 
 def test_direct_launch_reads_and_writes_slices(device):
@@ -151,7 +152,7 @@ def test_half_precision_geometry(dtype, device):
     x = torch.randn(2, 18, 9, 9, device=device)
     y, _, _ = run_fused(graph, x.to(dtype))
     assert y.dtype == dtype
-    assert_close_rel(y, reference(graph, x), TOL[dtype], str(dtype))
+    assert_matches_reference(y, graph, x, TOL[dtype], str(dtype))
 
 
 @pytest.mark.parametrize("pool", [
@@ -160,7 +161,15 @@ def test_half_precision_geometry(dtype, device):
     nn.MaxPool2d(2, stride=2, padding=1),
     nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
     nn.AvgPool2d(5, stride=3),  # Inception v3 aux head
-], ids=["max3s2", "max3s2ceil", "max2s2p1", "avg3s2p1_excl", "avg5s3"])
+    # Non-square windows, strides and paddings (y and x each differ):
+    nn.MaxPool2d((3, 2), stride=(2, 1), padding=(1, 0), ceil_mode=True),
+    nn.MaxPool2d((2, 3), stride=(1, 3), padding=(0, 1), ceil_mode=True),  # a partial last column
+    nn.MaxPool2d((3, 1), stride=(2, 2), padding=(1, 0)),
+    nn.AvgPool2d((3, 2), stride=(2, 1), padding=(1, 0), count_include_pad=True),
+    nn.AvgPool2d((3, 2), stride=(2, 1), padding=(1, 0), count_include_pad=False),
+    nn.AvgPool2d((2, 5), stride=(3, 2), padding=(1, 2), count_include_pad=False),
+], ids=["max3s2", "max3s2ceil", "max2s2p1", "avg3s2p1_excl", "avg5s3", "max3x2s2x1p1x0ceil", "max2x3s1x3p0x1ceil",
+        "max3x1s2p1x0", "avg3x2s2x1p1x0_incl", "avg3x2s2x1p1x0_excl", "avg2x5s3x2p1x2_excl"])
 def test_pool_only_problem_and_strided_pre_pool(pool, device):
     """A pool alone (no GEMM) written to an output slice next to a conv, and the same pool fused
     in front of a 1x1 conv, for strided windows."""
@@ -171,7 +180,30 @@ def test_pool_only_problem_and_strided_pre_pool(pool, device):
     x = torch.randn(2, 23, 11, 10, device=device)
     y, launches, plan = run_fused(graph, x)
     assert launches == 1 and len(plan.stages[0].nodes) == 2
-    assert_close_rel(y, reference(graph, x), TOL[torch.float32], str(pool))
+    assert_matches_reference(y, graph, x, TOL[torch.float32], str(pool))
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+def test_residual_head(relu, device):
+    """Inception-ResNet's last stage on its own: relu?(x + 0.3 * (up(cat) + bias)), where output
+    channel n adds the block input's channel n. 70 channels: two column tiles (64 wide under the
+    interpreter), so channel n is not the column within its tile; x is NHWC and the output NCHW,
+    so their channel strides differ; every channel of x is different, so reading the residual
+    from any other channel changes the result."""
+    cin = 70
+    nodes = [conv_node(cin, 12, (1, 1), 1, (0, 0)),  # cat channels 0..11
+             conv_node(cin, 9, (1, 1), 1, (0, 0)),  # reduction, mid after the cat
+             conv_node(9, 13, (3, 3), 1, (1, 1), src=1)]  # cat channels 12..24
+    head = ResidualHead(nn.Conv2d(25, cin, 1, bias=True), scale=0.3, relu=relu)
+    graph = BlockGraph(nodes, [0, 2], in_channels=cin, head=head)
+    randomize_(modules_of(graph), seed=19).to(device)
+    x = (torch.randn(2, cin, 5, 7, device=device) + torch.arange(cin, device=device).view(1, -1, 1, 1) / cin
+         ).to(memory_format=torch.channels_last)
+    y, launches, plan = run_fused(graph, x)
+    assert launches == 3 and plan.layout.stages[-1][0].row["res"] == 1
+    assert y.is_contiguous()
+    expected = assert_matches_reference(y, graph, x, TOL[torch.float32], "residual")
+    assert bool((expected < 0).any()) == (not relu)
 
 
 def test_max_pool_propagates_nan(device):
@@ -179,7 +211,7 @@ def test_max_pool_propagates_nan(device):
     x = torch.randn(1, 4, 7, 7, device=device)
     x[0, 1, 2, 2] = float("nan")
     y, _, _ = run_fused(graph, x)
-    assert_close_rel(y, reference(graph, x), TOL[torch.float32])
+    assert_matches_reference(y, graph, x, TOL[torch.float32])
     assert y[0, 1].isnan().sum() == 4  # every window that covers (2, 2)
 
 

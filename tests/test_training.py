@@ -9,7 +9,8 @@ from torch import nn
 import torch.nn.functional as F
 from torchvision.models.googlenet import Inception
 
-from conftest import DEVICE, TOL, SequentialNoBN, assert_close_rel, randomize_
+from conftest import (DEVICE, TOL, Decisions, SequentialNoBN, assert_close_rel, assert_relu_zero_pattern,
+                      keep_relu_inputs_off_zero_, randomize_)
 from fused_inception import (FusedBasicConv2d, FusedInception, FusedInceptionA, FusedInceptionB, FusedInceptionC,
                              FusedInceptionD, FusedInceptionE, count_launches, fuse)
 from fused_inception.launches import count_torch_kernels
@@ -37,17 +38,29 @@ def check_training_parity(ref, fused, x, steps=2, tol=TOL[torch.float32], zero_g
     element off by ~1e-3 of the maximum, now and then.
 
     zero_grads: parameters whose gradient is zero in exact arithmetic (a conv bias followed by
-    BatchNorm): the fused one must be rounding noise, small against its layer's weight gradient."""
+    BatchNorm): the fused one must be rounding noise, small against its layer's weight gradient.
+
+    A ReLU input within rounding of zero would still be a coin toss between the fused fp32 kernels
+    and float64 (and move a gradient element by ~1e-3 of the max): so the biases before the ReLUs
+    are first shifted in both models (conftest.keep_relu_inputs_off_zero_) until every ReLU input
+    of the reference is at least `tol` x its max from zero (asserted; the fused results are within
+    4e-6 of the max). The max pools of a fused block read the block input, the same numbers in both."""
     ref = copy.deepcopy(ref).double().train()
     fused.train()
     xr, xf = x.double().requires_grad_(), x.clone().requires_grad_()
+    keep_relu_inputs_off_zero_(ref, fused, lambda m: m(xr), tol)
     for step in range(steps):  # running stats and num_batches_tracked keep agreeing
-        yr, yf = ref(xr), fused(xf)
+        with Decisions() as decisions:
+            yr = ref(xr)
+        assert decisions.relu_margin >= 0.9 * tol, f"a ReLU input {decisions.relu_margin:.1e} x its max from zero"
+        yf = fused(xf)
         g = torch.randn_like(yf)
         yr.backward(g.double())
         yf.backward(g)
         assert yf.dtype == x.dtype
         assert_close_rel(yf, yr, tol, f"output, step {step}")
+        if decisions.pre_activation(yr) is not None:  # the exact zeros of the reference's ReLUs
+            assert_relu_zero_pattern(yf, decisions.pre_activation(yr), tol, f"output, step {step}")
         assert yf.is_contiguous(memory_format=torch.channels_last) == yr.is_contiguous(
             memory_format=torch.channels_last) or yr.shape[1] == 1
     assert_close_rel(xf.grad, xr.grad, tol, "input grad")
@@ -249,6 +262,27 @@ def test_statistics_are_centred_on_the_running_mean():
     assert err_fused <= 2 * err_eager + 1e-4  # uncentred sums (running mean 0): 0.53 off of a max 3.5
 
 
+def test_training_relu_is_exactly_zero_near_zero():
+    """BatchNorm weights and biases of order 1e-3 put hundreds of pre-activations within 1e-4 of
+    zero (asserted): the training epilogue (normalise, affine, ReLU) must leave no negative value
+    and give the float64 reference's exact zeros (which a tolerance of 1e-4 of the max cannot see)."""
+    ref, fused = pair(15)
+    with torch.no_grad():
+        for bn in (m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight.mul_(1e-3)
+            bn.bias.mul_(1e-3)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, ARGS[0], 5, 5)
+    with torch.no_grad():
+        with Decisions() as decisions:
+            expected = copy.deepcopy(ref).double().train()(x.double())
+        y = fused.train()(x)
+    pre = decisions.pre_activation(expected)
+    assert int(((pre < 0) & (pre > -1e-4)).sum()) > 100 and int(((pre > 0) & (pre < 1e-4)).sum()) > 100
+    assert_relu_zero_pattern(y, pre, TOL[torch.float32], "output")
+    assert_close_rel(y, expected, TOL[torch.float32], "output")
+
+
 def test_non_finite_running_mean_does_not_spoil_the_batch_statistics():
     """One bad batch makes eager's running mean NaN or Inf too, and eager training goes on (its
     batch statistics don't read it); so must the fused statistics, which are centred on it."""
@@ -259,6 +293,7 @@ def test_non_finite_running_mean_does_not_spoil_the_batch_statistics():
     x = torch.randn(2, ARGS[0], 5, 5)
     ref64 = copy.deepcopy(ref).double().train()
     xr, xf = x.double().requires_grad_(), x.clone().requires_grad_()
+    keep_relu_inputs_off_zero_(ref64, fused, lambda m: m(xr), TOL[torch.float32])  # (see check_training_parity)
     yr, yf = ref64(xr), fused.train()(xf)
     assert torch.isfinite(yf).all()
     assert_close_rel(yf, yr, TOL[torch.float32], "output")
