@@ -56,6 +56,7 @@ class Recorder:
         self.tuning = collections.Counter()  # (kernel name, tuning key) -> launches
         self.launches = collections.Counter()  # kernel name -> launches
         self.part = None
+        self.tuned_specs = set()  # keys of specialisations reached through an autotuner
         self.per_part = collections.defaultdict(lambda: {"specs": set(), "tuning": set()})
 
     def _jit_run(self, fn, args, kwargs, count=True):
@@ -75,6 +76,8 @@ class Recorder:
         self.per_part[self.part]["specs"].add(key)
         if count:
             self.launches[fn.fn.__qualname__] += 1
+        else:
+            self.tuned_specs.add(key)
 
     def _tune_run(self, tuner, args, kwargs):
         nargs = dict(zip(tuner.arg_names, args))
@@ -154,14 +157,16 @@ def _force_kernel_path():
         setattr(torch, name, wrapper)
 
 
-def census(parts, rec):
-    """Drive the quick run's workloads on the meta device, part by part."""
+def census(parts, rec, limit=None):
+    """Drive the quick run's workloads on the meta device, part by part (the first `limit` of each)."""
+    import itertools
+
     import quick
 
     _force_kernel_path()
     for part in parts:
         rec.part = part
-        for what, run in quick.workloads(part, device="meta"):
+        for what, run in itertools.islice(quick.workloads(part, device="meta"), limit):
             try:
                 with torch.no_grad() if not what.startswith("train") else _nullcontext():
                     run()
@@ -196,6 +201,50 @@ def _compile_worker(args):
     return times
 
 
+class _FakeDriver:
+    """Enough of an sm_90 CUDA driver for JITFunction.run(..., warmup=True): compile, never launch."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return TARGET
+
+    def is_active(self):
+        return True
+
+
+def check_cache_hit(part="smoke"):
+    """Compile one recorded specialisation here, then ask Triton's own JIT (warmup=True, a fake
+    sm_90 driver) for the same launch: it must find it in TRITON_CACHE_DIR instead of compiling.
+    Returns (compile seconds, JIT seconds). This is what makes the device-side precompile count."""
+    import triton.runtime as runtime
+
+    rec = Recorder()
+    with rec:
+        census([part], rec, limit=3)
+    # A plain (not autotuned) kernel if there is one: the training BatchNorm kernels compile fastest.
+    plain = [k for k in rec.specs if k not in rec.tuned_specs] or list(rec.specs)
+    fn, bound_args, specialization, options, kwargs = rec.specs[plain[0]]
+    compile_s = compile_spec(rec.specs[plain[0]])
+    saved = runtime.driver._active
+    runtime.driver.set_active(_FakeDriver())
+    try:
+        fn.device_caches.clear()  # binders made before the fake driver
+        names = {p.name for p in fn.params}
+        start = time.perf_counter()
+        kernel = JITFunction.run(fn, *bound_args.values(), grid=None, warmup=True,
+                                 **{k: v for k, v in kwargs.items() if k not in names})
+        jit_s = time.perf_counter() - start
+    finally:
+        runtime.driver._active = saved
+    assert kernel is not None
+    return compile_s, jit_s
+
+
 def main(argv=None):
     import quick
 
@@ -204,7 +253,14 @@ def main(argv=None):
     p.add_argument("--compile", default=None, help="compile N (or 'all') distinct specialisations for sm_90")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     p.add_argument("--json", help="write the counts here")
+    p.add_argument("--check-cache-hit", action="store_true",
+                   help="compile one kernel, then check that Triton's JIT finds it in TRITON_CACHE_DIR")
     args = p.parse_args(argv)
+    if args.check_cache_hit:
+        compile_s, jit_s = check_cache_hit()
+        print(f"cache hit check: compiled in {compile_s:.1f} s; the JIT then took {jit_s:.3f} s "
+              f"({'HIT' if jit_s < min(1.0, compile_s / 4) else 'MISS: it compiled again'})")
+        return 0 if jit_s < min(1.0, compile_s / 4) else 1
     parts = args.parts.split(",")
     rec = Recorder()
     start = time.perf_counter()
