@@ -18,8 +18,8 @@
 # results and Inductor's cache go to .gpu_cache/ (ignored by git), which the device machine keeps
 # between calls while it stays warm: a second call skips compilation.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-REPO=$(pwd)
+cd "$(dirname "$0")/.." || exit 1
+REPO=$(pwd -P)  # physical: compared with the realpath Python reports
 MODE=${1:-quick}
 PART=${2:-}
 T0=$(date +%s)
@@ -49,6 +49,7 @@ mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 LOG=$OUTDIR/log.txt
 exec > >(tee -a "$LOG") 2>&1  # stdout (the device tool's output_tail) and log.txt
+TEE_PID=$!
 
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 FUSED_INCEPTION_DEVICE=cuda
 export TRITON_CACHE_DIR=$REPO/.gpu_cache/triton TORCHINDUCTOR_CACHE_DIR=$REPO/.gpu_cache/inductor
@@ -145,6 +146,8 @@ EOF
 finish() {
   log "done in $(( $(date +%s) - T0 ))s; skipped parts: ${SKIPPED[*]:-none}; files in $OUTDIR:"
   ls -la "$OUTDIR" | tail -n +2
+  exec 1>&- 2>&-  # let tee write its last lines to log.txt before the command returns
+  wait "$TEE_PID" 2>/dev/null
 }
 
 # ------------------------------------------------------------------------------------------
@@ -185,7 +188,9 @@ JOBS=$(( $(nproc) > 4 ? $(nproc) - 4 : 1 ))
 # core); pytest-timeout keeps one stuck test from eating the part.
 run_tests() {
   local name=$1; shift
-  run_part "$name" 560 "$PY" -m pytest -p no:cacheprovider -q -rs -n "$JOBS" --timeout 300 \
+  # Parallel workers time their autotuning against each other: keep those picks off the disk
+  # cache that the timed parts read.
+  TRITON_CACHE_AUTOTUNING=0 run_part "$name" 560 "$PY" -m pytest -p no:cacheprovider -q -rs -n "$JOBS" --timeout 300 \
     --junitxml="$OUTDIR/junit.xml" "$@" 2>&1 | tee "$OUTDIR/pytest.txt" | tail -40
 }
 # A pytest-benchmark suite, every result appended to bench.jsonl as it finishes (the JSON file
