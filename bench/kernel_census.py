@@ -28,6 +28,7 @@ import argparse
 import collections
 import concurrent.futures
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -47,9 +48,10 @@ TARGET = GPUTarget("cuda", 90, 32)  # an H100/H200: what driver.active.get_curre
 class Recorder:
     """Replaces JITFunction.run / Autotuner.run while active; collects what would compile."""
 
-    def __init__(self):
+    def __init__(self, on_new_spec=None):
         from triton.compiler.compiler import make_backend
 
+        self.on_new_spec = on_new_spec  # called (index, key, entry) as each new specialisation appears
         self.backend = make_backend(TARGET)
         self.binders = {}
         self.specs = collections.OrderedDict()  # cache key -> (fn, bound_args, specialization, options, kwargs)
@@ -73,6 +75,8 @@ class Recorder:
         key = (fn.fn.__qualname__, str(specialization), str(options))
         if key not in self.specs:
             self.specs[key] = (fn, bound_args, specialization, options, kwargs)
+            if self.on_new_spec is not None:
+                self.on_new_spec(len(self.specs) - 1, key, self.specs[key])
         self.per_part[self.part]["specs"].add(key)
         if count:
             self.launches[fn.fn.__qualname__] += 1
@@ -183,21 +187,23 @@ class _nullcontext:
 
 
 def _compile_worker(args):
-    """Process-pool worker: rebuild the census, compile the specialisations with index % jobs == rank."""
+    """Process-pool worker: run the census and compile each specialisation with index % jobs ==
+    rank as soon as it is recorded (the smoke's first, while the device run starts the smoke)."""
     parts, rank, jobs, limit = args
     os.environ.setdefault("TRITON_INTERPRET", "0")
-    rec = Recorder()
+    times = []
+
+    def compile_mine(i, key, entry):
+        if i % jobs != rank or (limit is not None and i >= limit):
+            return
+        try:
+            times.append((key[0], compile_spec(entry)))
+        except Exception as e:  # noqa: BLE001 - reported, the others go on
+            times.append((key[0], f"failed: {type(e).__name__}: {str(e)[:200]}"))
+
+    rec = Recorder(on_new_spec=compile_mine)
     with rec:
         census(parts, rec)
-    times = []
-    for i, (key, entry) in enumerate(rec.specs.items()):
-        if limit is not None and i >= limit:
-            break
-        if i % jobs == rank:
-            try:
-                times.append((key[0], compile_spec(entry)))
-            except Exception as e:  # noqa: BLE001
-                times.append((key[0], f"failed: {type(e).__name__}: {str(e)[:200]}"))
     return times
 
 
@@ -287,7 +293,9 @@ def main(argv=None):
         limit = None if args.compile == "all" else int(args.compile)
         start = time.perf_counter()
         if args.jobs > 1:
-            with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+            # spawn, not fork: forking a process that holds torch's threads can hang the children.
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
                 times = [t for ts in pool.map(_compile_worker, [(parts, r, args.jobs, limit)
                                                                 for r in range(args.jobs)]) for t in ts]
         else:
