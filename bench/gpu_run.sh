@@ -162,7 +162,7 @@ if [ "$MODE" = quick ]; then
   # cache with exactly the JIT's keys. A miss costs nothing but this step's CPU time.
   if [ "${QUICK_PRECOMPILE:-1}" = 1 ]; then
     JOBS=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
-    ( run_part precompile 170 "$PY" bench/kernel_census.py --compile all --jobs "$JOBS" 2>&1 \
+    ( run_part precompile 120 "$PY" bench/kernel_census.py --compile all --jobs "$JOBS" 2>&1 \
         | sed -u 's/^/[precompile] /' ) &
     PRECOMPILE_PID=$!
   fi

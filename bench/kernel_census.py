@@ -268,6 +268,14 @@ def main(argv=None):
               f"({'HIT' if jit_s < min(1.0, compile_s / 4) else 'MISS: it compiled again'})")
         return 0 if jit_s < min(1.0, compile_s / 4) else 1
     parts = args.parts.split(",")
+    limit = None if args.compile in (None, "all") else int(args.compile)
+    pool = futures = None
+    compile_start = time.perf_counter()
+    if args.compile and args.jobs > 1:
+        # The workers first, so they compile while this process counts. spawn, not fork: forking a
+        # process that holds torch's threads can hang the children.
+        pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+        futures = [pool.submit(_compile_worker, (parts, r, args.jobs, limit)) for r in range(args.jobs)]
     rec = Recorder()
     start = time.perf_counter()
     with rec:
@@ -290,14 +298,10 @@ def main(argv=None):
     result = dict(parts=summary, total_specs=len(rec.specs), total_tuning_keys=len(rec.tuning),
                   triton=triton.__version__, torch=torch.__version__)
     if args.compile:
-        limit = None if args.compile == "all" else int(args.compile)
-        start = time.perf_counter()
-        if args.jobs > 1:
-            # spawn, not fork: forking a process that holds torch's threads can hang the children.
-            ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-                times = [t for ts in pool.map(_compile_worker, [(parts, r, args.jobs, limit)
-                                                                for r in range(args.jobs)]) for t in ts]
+        start = compile_start
+        if pool is not None:
+            with pool:
+                times = [t for f in futures for t in f.result()]
         else:
             times = []
             for i, (key, entry) in enumerate(rec.specs.items()):
