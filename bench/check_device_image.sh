@@ -28,6 +28,7 @@ mkdir -p "$COPY"
 (cd "$REPO" && git ls-files -co --exclude-standard -z | xargs -0 -I{} cp --parents {} "$COPY/")
 export PATH=$VENV/bin:$PATH  # python3 and python are the venv's, as on the device
 export PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=$WORK/triton-cache  # a fresh cache: every compile really happens
 unset PYTHONPATH FUSED_INCEPTION_DEVICE TRITON_INTERPRET
 cd "$COPY" || exit 1
 echo "copy of $(git -C "$REPO" rev-parse --short HEAD) (+ uncommitted files) in $COPY; logs in $WORK"
@@ -63,6 +64,9 @@ assert os.path.realpath(k.__file__) == \"$COPY/kernels/conv.py\", k.__file__; pr
 # arrays can be converted to Python scalars"; Triton 3.8 squeezes first). The device image has
 # NumPy 2.5, so `--device cpu` runs fail there; GPU runs don't use the interpreter.
 step interp-own-numpy 900 python3 -m fused_inception
+python3 -c "import numpy, triton; v = lambda s: tuple(int(p) for p in s.split('.')[:2])
+exit(0 if v(numpy.__version__) >= (2, 4) and v(triton.__version__) < (3, 7) else 1)" \
+  && RESULTS[-1]="${RESULTS[-1]}  (expected: NumPy >= 2.4 with Triton < 3.7)"
 # The CPU-interpreter steps again with NumPy 2.3 in front (pip --target, outside the repo), to
 # check everything else against torch 2.11 / triton 3.6.
 NP23=${NP23:-$VENV-numpy23}
@@ -76,7 +80,7 @@ step quick-smoke-cpu 900 env PYTHONPATH="$NP23" python3 bench/quick.py smoke --d
 step quick-stages-cpu 900 env PYTHONPATH="$NP23" python3 bench/quick.py stages --device cpu --out "$WORK/quick" \
   --stage-blocks inception3a,inception5b
 step census 900 python3 bench/kernel_census.py --json "$WORK/census.json"
-step census-cache-hit 600 env TRITON_CACHE_DIR="$WORK/triton-cache" python3 bench/kernel_census.py --check-cache-hit
+step census-cache-hit 600 env TRITON_CACHE_DIR="$WORK/triton-cache-hit" python3 bench/kernel_census.py --check-cache-hit
 step report-plot 120 python3 bench/report.py tests/data/fake_quick_run --plot "$WORK/speedup.png"
 step gpu_run-flow 600 env OUT="$WORK/gpu_run" QUICK_PRECOMPILE=0 QUICK_BUDGET=200 bash bench/gpu_run.sh quick
 
