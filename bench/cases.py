@@ -1,6 +1,7 @@
 """What the suites run: implementations, shapes and the timing helper."""
 
 import copy
+import os
 
 import torch
 
@@ -15,6 +16,16 @@ BATCHES = [1, 32, 256] if ON_GPU else [1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16} if ON_GPU else {"fp32": torch.float32}
 IMPLS = (["eager", "compile-default", "compile-max-autotune", "compile-reduce-overhead", "fused", "fused-cudagraph"]
          if ON_GPU else ["eager", "fused"])
+# FI_BENCH_DTYPES / FI_BENCH_IMPLS / FI_BENCH_BATCHES (comma-separated) run a subset: how
+# `bench/gpu_run.sh full` splits the suites into parts that fit one device command each.
+for _var, _all in (("FI_BENCH_DTYPES", "DTYPES"), ("FI_BENCH_IMPLS", "IMPLS"), ("FI_BENCH_BATCHES", "BATCHES")):
+    if os.environ.get(_var):
+        _wanted = os.environ[_var].split(",")
+        _value = globals()[_all]
+        if isinstance(_value, dict):
+            globals()[_all] = {k: v for k, v in _value.items() if k in _wanted}
+        else:
+            globals()[_all] = [v for v in _value if str(v) in _wanted]
 NETWORK_SIZE = {"googlenet": 224, "inception_v3": 299} if ON_GPU else {"googlenet": 32, "inception_v3": 75}
 
 

@@ -5,6 +5,7 @@ On CPU:    python -m pytest bench --benchmark-disable   (tiny shapes, Triton's i
            that every case builds, runs and agrees, so the suites don't rot; times mean nothing)
 """
 
+import json
 import os
 
 import torch
@@ -39,6 +40,30 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     else:
         machine_info["gpu"] = None
         machine_info["note"] = "CPU run through Triton's interpreter: correctness only, no meaningful times"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-jsonl", default=None,
+                     help="append each benchmark's result to this file as one JSON line when its test ends "
+                          "(pytest-benchmark's own --benchmark-json is written only when the session ends)")
+
+
+@pytest.fixture(autouse=True)
+def _bench_jsonl(request):
+    """With --bench-jsonl: one line per finished benchmark (name, extra_info, stats in seconds),
+    flushed at once, so a run killed at its time limit keeps every case it finished."""
+    yield
+    path = request.config.getoption("--bench-jsonl")
+    bench = request.node.funcargs.get("benchmark") if hasattr(request.node, "funcargs") else None
+    if not path or bench is None or not bench.extra_info:
+        return
+    stats = getattr(getattr(bench, "stats", None), "stats", None)
+    record = dict(name=request.node.nodeid, extra_info=dict(bench.extra_info),
+                  stats=None if stats is None else {k: getattr(stats, k) for k in ("min", "max", "mean", "median",
+                                                                                    "rounds")})
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
 
 
 @pytest.fixture(autouse=True)
