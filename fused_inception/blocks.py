@@ -20,16 +20,17 @@ fused forward is wrapped in an autograd.Function whose backward recomputes `eage
 """
 
 import functools
+import operator
 
 import torch
 from torch import nn
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fused_inception import norms, ops, training
 from fused_inception.kernels import conv as kconv
 from fused_inception.pattern import recipe_of
-from fused_inception.plan import build_plan, check_graph
+from fused_inception.plan import output_memory_format
+from fused_inception.program import BlockProgram
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,16 +55,18 @@ def _watched(cls):
     return ("eps",) if norms.is_frozen_type(cls) else ()
 
 
-# Bumped whenever any module registers a submodule (assignment included), so that FusedBlocks
-# know when to walk their module tree again.
-_module_generation = [0]
+# Bumped whenever any module anywhere registers a submodule, parameter or buffer (assignment
+# included), so that a FusedBlock knows when to look at its submodules' identities again.
+_generation = [0]
 
 
-def _count_module_registration(module, name, submodule):
-    _module_generation[0] += 1
+def _count_registration(module, name, value):
+    _generation[0] += 1
 
 
-torch.nn.modules.module.register_module_module_registration_hook(_count_module_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
 
 
 def check_input(x, in_channels, like, name):
@@ -85,17 +88,11 @@ def check_input(x, in_channels, like, name):
                         f"convert the input or the module with .to(dtype)")
 
 
-def output_memory_format(x):
-    """The memory format eager convolutions return for x: channels_last iff x is channels_last."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def triton_available_for(x):
     """True if the stage kernel can run on x's device: CUDA, or CPU under the interpreter (or
-    while kernel launches are recorded, see fused_inception.codegen)."""
-    return x.device.type == "cuda" or ((kconv.INTERPRETING or kconv.is_recording()) and x.device.type == "cpu")
+    CPU and meta tensors while kernel launches are recorded, see fused_inception.codegen)."""
+    kind = x.device.type
+    return kind == "cuda" or (kconv.INTERPRETING and kind == "cpu") or (kconv.is_recording() and kind in ("cpu", "meta"))
 
 
 class _EvalFunction(torch.autograd.Function):
@@ -107,7 +104,7 @@ class _EvalFunction(torch.autograd.Function):
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
         ctx.save_for_backward(x, *params)  # saved: autograd refuses a backward after in-place updates
-        return block._run_plan(x)
+        return block._run_program(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -129,121 +126,121 @@ class FusedBlock(nn.Module):
 
     A subclass builds its submodules, defines `eager_forward(x)` (the reference math) and calls
     `self._init_fused()` at the end of `__init__`, which recognises the block from `eager_forward`
-    (raising `UnsupportedBlock` with the reason if it can't be fused).
+    (raising `UnsupportedBlock` with the reason if it can't be fused). The block's
+    `fused_inception.program.BlockProgram` holds its plans; `forward` checks the input, picks the
+    path and runs it.
     """
 
     _is_fused_block = True  # fx leaves, and fuse() skips these
 
     def _init_fused(self, recipe=None):
-        self._op_id = ops.register(self)
-        self.invalidate_plan()
         self._set_recipe(recipe if recipe is not None else self._trace_recipe())
 
     def _trace_recipe(self):
         return recipe_of(self, "eager_forward", allow_single=True)
 
     def _set_recipe(self, recipe):
-        graph = recipe.graph(self)
-        check_graph(graph)  # an unfusable block fails here, not at its first forward
+        self._program = BlockProgram(recipe, self)
         self._recipe = recipe
-        self._in_channels = graph.in_channels
-        self._recipe_fingerprint = self._fingerprint()
-        # What a training forward gathers, as plain references (torch.compile traces this):
-        # the parameters in the training plan's packing order, and each BatchNorm with its columns.
-        # (Also reached from fake implementations while torch.compile traces: real meta tensors.)
-        with unset_fake_temporarily():
-            structure = training.build_train_plan(graph, torch.device("meta"), torch.float32, torch.float32)
-        self._train_structure = structure
-        self._train_refs = tuple(ref for ref in structure.refs(graph) if ref is not None and getattr(*ref) is not None)
-        self._param_count = len(self._tracked_params())  # a parameter added or removed: trace again
-        self._train_bns = tuple((graph.nodes[i].bn, lo, hi) for i, lo, hi in structure.bn_columns)
-        # Frozen BatchNorms and norm + act layers with a dropout: see norms.needs_eager.
-        self._special_bns = tuple(bn for bn, _, _ in self._train_bns if type(bn) not in (nn.BatchNorm2d,
-                                                                                         nn.SyncBatchNorm))
+        self._in_channels = self._program.in_channels
+        object.__setattr__(self, "_like", self._tracked_params()[0])  # (dtype and device; not a new parameter)
+        self._identities, self._generation = self._current_identities(), _generation[0]
+        self._watch = self._watch_list()
+        self._attributes = self._watched_values()
+        self._fast = None  # see forward
 
-    def _fingerprint(self):
-        """What the traced math depends on besides tensors: which modules (ids), the geometry
-        attributes of convs, BNs and pools, and the block's own plain attributes (e.g. a residual
-        scale given as a Python float). The recipe and plans are derived from them, so any
-        change means tracing again. Read on every fused forward: kept to a few microseconds."""
-        modules = self._submodules()
+    def _current_identities(self):
+        """Which submodules, parameters and buffers the block has (registrations change them)."""
+        modules = list(self.modules())
+        return (tuple(map(id, modules)), tuple(id(t) for m in modules for d in (m._parameters, m._buffers)
+                                               for t in d.values()))
+
+    def _watch_list(self):
+        """(object, getter) pairs reading what the traced math depends on besides tensors: the
+        geometry attributes of convs, BatchNorms and pools, BatchNorms' train/eval flags, and the
+        block's own plain attributes (e.g. a residual scale given as a Python float)."""
+        pairs = []
+        for m in self.modules():
+            names = _watched(type(m))
+            if names:  # (a BatchNorm's train/eval flag decides the path: see uses_kernels)
+                pairs.append((m, operator.attrgetter(*names, *(("training",) if norms.is_batchnorm(m) else ()))))
         root = self._fingerprint_root()
-        return (tuple(map(id, modules)),
-                tuple(getattr(m, a) for m in modules for a in _watched(type(m))),
-                tuple(v for k, v in root.__dict__.items() if type(v) in _PLAIN and k[0] != "_" and k != "training"))
+        plain = [k for k, v in root.__dict__.items() if type(v) in _PLAIN and k[0] != "_" and k != "training"]
+        if plain:
+            pairs.append((root, operator.attrgetter(*plain)))
+        self._watch_objects = tuple(obj for obj, _ in pairs)
+        self._watch_getters = tuple(get for _, get in pairs)
+        return tuple(pairs)
+
+    def _watched_values(self):
+        return list(map(operator.call, self._watch_getters, self._watch_objects))
 
     def _fingerprint_root(self):
         return self
 
-    def __setstate__(self, state):  # copy.deepcopy and unpickling
+    def __getstate__(self):  # copy.deepcopy and pickling: the program is rebuilt for the copy
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_program", None)
+        state["_fast"] = None
+        return state
+
+    def __setstate__(self, state):
         super().__setstate__(state)
-        self._op_id = ops.register(self)
-        self.invalidate_plan()
+        self._set_recipe(self._recipe)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): plans for the new tensors
+        result = super()._apply(fn, recurse)
+        self._set_recipe(self._recipe)
+        return result
 
     def eager_forward(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _current_recipe(self):
-        # (a parameter set or removed, e.g. conv.bias, changes what a training forward packs)
-        if self._fingerprint() != self._recipe_fingerprint or len(self._tracked_params()) != self._param_count:
-            self.invalidate_plan()
+    def _current_program(self):
+        """The block's program, made anew (the math traced again) if a submodule or parameter
+        was replaced, added or removed, or a watched attribute changed."""
+        if self._generation != _generation[0]:
+            self._generation = _generation[0]
+            if self._current_identities() != self._identities:
+                self._set_recipe(self._trace_recipe())
+                return self._program
+        if self._watched_values() != self._attributes:
             self._set_recipe(self._trace_recipe())
-        return self._recipe
+        return self._program
 
     def graph(self):
         """The block's `plan.BlockGraph` over its current submodules."""
-        return self._current_recipe().graph(self)
+        return self._current_program().graph
 
     @property
     def launches(self):
         """Kernel launches of a fused eval forward: the number of stages (the longest chain)."""
         return self._recipe.launches
 
-    def _submodules(self):
-        # Walking the module tree on every forward costs tens of microseconds; the list is kept
-        # until some module anywhere registers a submodule (a global registration hook).
-        if getattr(self, "_submodules_generation", None) != _module_generation[0]:
-            self._submodules_cache = list(self.modules())
-            self._submodules_generation = _module_generation[0]
-        return self._submodules_cache
-
     def _tracked_params(self):
-        return [p for m in self._submodules() for p in m._parameters.values() if p is not None]
-
-    def _plan_key(self, like):
-        # Everything a plan is derived from, read from the live parameter and buffer dicts: any
-        # in-place update bumps _version (optimizer steps, load_state_dict, running stats),
-        # .to()/.half() replace tensors (ids, data_ptr, dtype, device), and so does assigning a
-        # new parameter, buffer or submodule. Writes through `.data` bypass _version: call
-        # `invalidate_plan()` after those.
-        # Tensors made under torch.inference_mode have no version counter (and can't be updated
-        # in place outside it): their id and data_ptr are the key.
-        return (like.device, like.dtype, tuple((id(t), -1 if t.is_inference() else t._version, t.data_ptr())
-                                               for m in self._submodules() for d in (m._parameters, m._buffers)
-                                               for t in d.values() if t is not None))
+        return [p for m in self.modules() for p in m._parameters.values() if p is not None]
 
     def invalidate_plan(self):
-        """Drop the cached plans (rebuilt on the next fused forward)."""
-        self._fused_plans = {}
-        self._train_plans = {}
+        """Drop the cached plans (rebuilt on the next fused forward): after writing to a
+        parameter or buffer through `.data` in place (which no version counter sees)."""
+        self._program.invalidate()
+        self._program.invalidate_training()
+        self._fast = None
 
     def train(self, mode=True):
         # The inference plan folds the running statistics: rebuilt. The training plans depend on
         # the structure only and stay (a CUDA graph captured from them stays valid).
-        self._fused_plans = {}
+        if hasattr(self, "_program"):
+            self._program.invalidate()
+            self._fast = None
         return super().train(mode)
 
     def plan(self, dtype=None):
-        """The current plan for this block's parameters, computing in `dtype` (default: the
-        parameters'), built or taken from the cache."""
-        recipe = self._current_recipe()
-        like = self._tracked_params()[0]
-        dtype = dtype or like.dtype
-        key = self._plan_key(like)
-        cached = self._fused_plans.get(dtype)
-        if cached is None or cached[0] != key:
-            cached = self._fused_plans[dtype] = (key, build_plan(recipe.graph(self), like.device, dtype))
-        return cached[1]
+        """The current inference plan for this block's parameters, computing in `dtype`
+        (default: the parameters'), built or taken from the cache."""
+        program = self._current_program()
+        return program.plan(dtype or self._like.dtype, self._like.device)
 
     def _compute_dtype(self, x):
         """The autocast dtype when autocast is on for x's device (fp16/bf16) and would cast x
@@ -254,9 +251,9 @@ class FusedBlock(nn.Module):
                 return dtype
         return x.dtype
 
-    def _run_plan(self, x):
+    def _run_program(self, x):
         dtype = self._compute_dtype(x)
-        return self.plan(dtype).run(x.to(dtype), output_memory_format(x))
+        return self._program.plan(dtype, self._like.device).run(x.to(dtype))  # (x.to keeps the memory format)
 
     def uses_kernels(self, x):
         """True if forward(x) would run the Triton kernels (not the eager fallback).
@@ -268,105 +265,98 @@ class FusedBlock(nn.Module):
         active (`norms.needs_eager`); and in training, `torch.use_deterministic_algorithms(True)`
         (the batch statistics are summed with atomics), a residual scale that requires grad, or
         parameters of different dtypes."""
+        program = self._program
         if not triton_available_for(x) or self._compute_dtype(x) not in _KERNEL_DTYPES:
             return False
-        if self._recipe.head is not None and torch.is_autocast_enabled(x.device.type):
+        if program.graph.head is not None and torch.is_autocast_enabled(x.device.type):
             return False
-        if any(bn.training != self.training for bn, _, _ in self._train_bns):
+        if any(bn.training != self.training for bn, _, _ in program.train_bns):
             return False
-        if any(norms.needs_eager(bn, self.training) for bn in self._special_bns):
+        if any(norms.needs_eager(bn, self.training) for bn in program.special_bns):
             return False
         if self.training:
             if torch.are_deterministic_algorithms_enabled():
                 return False
-            scale = self._residual_scale()
+            scale = program.residual_scale()
             if isinstance(scale, torch.Tensor) and scale.requires_grad:
                 return False
-            return len({getattr(*ref).dtype for ref in self._train_refs}) == 1
+            return len({getattr(*ref).dtype for ref in program.train_refs}) == 1
         return True
 
     def forward(self, x):
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
-        params = self._tracked_params()
-        check_input(x, self._in_channels, params[0], type(self).__name__)
-        self._current_recipe()  # trace again if submodules or their attributes changed
+        fast = self._fast
+        # The common case, an eval forward without autograd or autocast, in a few microseconds:
+        # the same input dtype, device and channels as the last one, nothing registered and no
+        # watched attribute changed since (the plan checks the tensors' versions itself).
+        if (fast is not None and x.dtype is fast[0] and x.device == fast[1] and x.dim() == 4
+                and x.shape[1] == self._in_channels and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(fast[2]) and self._generation == _generation[0]
+                and self._watched_values() == self._attributes):
+            return self._program.run(x)
+        self._fast = None
+        check_input(x, self._in_channels, self._like, type(self).__name__)
+        self._current_program()  # trace again if submodules or their attributes changed
         if not self.uses_kernels(x):
             return self.eager_forward(x)
         if self.training:
             return self._train_forward(x)
+        params = self._tracked_params()
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return _EvalFunction.apply(self, x, *params)
-        return self._run_plan(x)
+        if self._compute_dtype(x) is x.dtype and not self.training:
+            self._fast = (x.dtype, x.device, x.device.type)
+        return self._run_program(x)
 
     def train_plan(self, dtype, device):
         """The training plan for inputs of `dtype` on `device` (built or taken from the cache)."""
-        param_dtype = getattr(*self._train_refs[0]).dtype
-        scale = self._residual_scale()
-        # A residual scale held in a buffer is read when the plan is built.
-        scale_key = (id(scale), scale._version) if isinstance(scale, torch.Tensor) else scale
-        key = (device, dtype, param_dtype, scale_key)
-        plan = self._train_plans.get(key)
-        if plan is None:
-            plan = self._train_plans[key] = training.build_train_plan(self.graph(), device, dtype, param_dtype)
-        return plan
-
-    def _train_params(self):
-        return [getattr(module, name) for module, name in self._train_refs]
-
-    def _running_means(self):
-        return [bn.running_mean for bn, _, _ in self._train_bns]
-
-    def _sync_group(self):
-        """The process group the block's BatchNorm statistics are all-reduced over, or None."""
-        return training.sync_group([bn for bn, _, _ in self._train_bns])
-
-    def _residual_scale(self):
-        """The residual head's scale (a number or a tensor), or None for a concat block."""
-        return self.graph().head.scale if self._recipe.head is not None else None
+        return self._current_program().train_plan(dtype, device)
 
     def _train_forward(self, x):
         """The fused training forward (batch statistics, running-stat updates, autograd)."""
+        program = self._program
         dtype = self._compute_dtype(x)
-        params = self._train_params()
-        plan = self.train_plan(dtype, x.device)
-        out, saved = training.TrainFunction.apply(plan, self._sync_group(), output_memory_format(x),
-                                                  self._running_means(), x.to(dtype), *params)
-        training.update_running_stats(self._train_bns, saved)
+        plan = program.train_plan(dtype, x.device)
+        out, saved = training.TrainFunction.apply(plan, program.sync_group(), output_memory_format(x),
+                                                  program.running_means(), x.to(dtype), *program.train_params())
+        training.update_running_stats(program.train_bns, saved)
         return out
 
     def _traced_forward(self, x):
         """forward under torch.compile: one opaque custom op per block (inference: the fused
         forward; training: the fused forward and backward, registered with torch.library)."""
         check_input(x, self._in_channels, next(self.parameters()), type(self).__name__)
+        program = self._program
         if self.training:
             if not self.uses_kernels(x):
                 return self.eager_forward(x)
-            out, _, _, saved = ops.block_train_forward(x.to(self._compute_dtype(x)), self._train_params(),
-                                                       self._running_means(), self._op_id)
-            training.update_running_stats(self._train_bns, saved)
+            out, _, _, saved = ops.block_train_forward(x.to(self._compute_dtype(x)), program.train_params(),
+                                                       program.running_means(), program.id)
+            training.update_running_stats(program.train_bns, saved)
             return out
         if not self.uses_kernels(x) or torch.is_autocast_enabled(x.device.type):
             return self.eager_forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return self.eager_forward(x)
-        return ops.block_forward(x, self._op_id)
+        return ops.block_forward(x, program.id)
 
 
 def build_plans(model, dtype=None):
     """Build the plan of every fused block in `model` now (as its first fused forward would;
     for a block in train() also its training plan): before timing, counting launches, or
-    capturing a CUDA graph. Returns the number of blocks.
+    capturing a CUDA graph. Returns the number of blocks. On a GPU, run one forward too: it
+    autotunes the kernels for the input's shape (which a capture can't).
 
     Example:
-        >>> fused_inception.build_plans(model)   # then torch.cuda.graph(...) capture
+        >>> fused_inception.build_plans(model)
+        >>> model(x)   # then torch.cuda.graph(...) capture
     """
     blocks = [m for m in model.modules() if isinstance(m, FusedBlock)]
     for block in blocks:
         block.plan(dtype)
         if block.training:  # and the training plan, for the dtype the kernels would compute in
-            like = block._tracked_params()[0]
-            block.train_plan(dtype or like.dtype, like.device)
+            block.train_plan(dtype or block._like.dtype, block._like.device)
     return len(blocks)
 
 

@@ -3,13 +3,14 @@
 `torch.compile(model, fullgraph=True)` traces a fused model without graph breaks:
 
 - inference (no autograd recording): each FusedBlock is `fused_inception::block_forward(x,
-  block)`, whose fake (meta) implementation gives the output's shape and memory format;
+  program)`, whose fake (meta) implementation gives the output's shape and memory format;
 - training: `fused_inception::block_train_forward` and `fused_inception::block_train_backward`,
   joined by `register_autograd`. Both are functional: the running statistics are updated by
   traced torch ops (`_foreach_lerp_`) from the forward's `saved` output.
 
-At run time an op looks the block up by id and runs its current plan, so weight updates after
-compilation are seen. Eval mode with autograd recording under compile traces the block's eager
+The ops take the block's program (fused_inception.program.BlockProgram) by id, never the
+module. At run time an op looks the program up and runs its current plan, so weight updates
+after compilation are seen. Eval mode with autograd recording under compile traces the block's eager
 graph (correct gradients, not fused). Under CUDA graphs (`mode="reduce-overhead"`) launches are
 replayed as captured: capture again after changing weights, as with any captured graph.
 
@@ -18,43 +19,23 @@ torch.autograd.Function instead: a custom op call costs about 100 us more host t
 (measured on this project's CPU machine: 125 vs 23 us).
 """
 
-import itertools
-import weakref
 from typing import List, Tuple
 
 import torch
 
-_BY_ID = weakref.WeakValueDictionary()
-_counter = itertools.count()
-
-
-def register(block):
-    """A new process-wide integer naming `block`; FusedBlock keeps it as `_op_id` (and takes a
-    new one when copied or unpickled, so a copy never runs the original's plan)."""
-    i = next(_counter)
-    _BY_ID[i] = block
-    return i
-
-
-def _block(i):
-    block = _BY_ID.get(i)
-    if block is None:
-        raise RuntimeError(f"fused_inception: block {i} no longer exists (a compiled graph outlived its model)")
-    return block
+from fused_inception.plan import output_memory_format, output_shape
+from fused_inception.program import lookup
 
 
 @torch.library.custom_op("fused_inception::block_forward", mutates_args=())
-def block_forward(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Eval-mode fused forward of the FusedBlock registered as `block` (see register)."""
-    return _block(block)._run_plan(x)
+def block_forward(x: torch.Tensor, program: int) -> torch.Tensor:
+    """Eval-mode fused forward of the block program registered as `program` (program.lookup)."""
+    return lookup(program).run(x)
 
 
 @block_forward.register_fake
-def _(x, block):
-    from fused_inception.blocks import output_memory_format
-    from fused_inception.plan import output_shape
-
-    shape = output_shape(_block(block).graph(), x.shape[0], x.shape[2], x.shape[3])
+def _(x, program):
+    shape = output_shape(lookup(program).graph, x.shape[0], x.shape[2], x.shape[3])
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
@@ -63,35 +44,33 @@ def _(x, block):
 # torch.compile(fullgraph=True) traces a training step of a fused model without graph breaks.
 
 
-def _train_layout(block):
-    """The block's training plan structure (meta tensors), for fake implementations."""
-    return _block(block)._train_structure
+def _train_layout(program):
+    """The program's training plan structure (meta tensors), for fake implementations."""
+    return lookup(program).train_structure
 
 
 @torch.library.custom_op("fused_inception::block_train_forward", mutates_args=())
 def block_train_forward(x: torch.Tensor, params: List[torch.Tensor], centers: List[torch.Tensor],
-                        block: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training forward of the FusedBlock registered as `block`, computing in x's dtype:
+                        program: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward of the block program registered as `program`, computing in x's dtype:
     (out, raw_out, raw_mid, saved), see fused_inception.training.forward. `params` are the
-    block's parameters in its packing order (FusedBlock._train_params), `centers` its
+    block's parameters in its packing order (BlockProgram.train_params), `centers` its
     BatchNorms' running means."""
     from fused_inception import training
-    from fused_inception.blocks import output_memory_format
 
-    b = _block(block)
-    plan = b.train_plan(x.dtype, x.device)
-    out, raw_out, raw_mid, saved = training.forward(plan, x, params, centers, b._sync_group(), output_memory_format(x))
+    p = lookup(program)
+    plan = p.train_plan(x.dtype, x.device)
+    out, raw_out, raw_mid, saved = training.forward(plan, x, params, centers, p.sync_group(), output_memory_format(x))
     if raw_mid is raw_out:  # outputs may not alias: no intermediate results, an empty tensor
         raw_mid = raw_out.new_empty(0)
     return out, raw_out, raw_mid, saved
 
 
 @block_train_forward.register_fake
-def _(x, params, centers, block):
-    from fused_inception.blocks import output_memory_format
+def _(x, params, centers, program):
     from fused_inception.training import accumulator_dtype
 
-    structure = _train_layout(block)
+    structure = _train_layout(program)
     out, mid = structure.layout.buffers(x, x.dtype, output_memory_format(x))
     raw_mid = torch.empty_like(mid) if mid is not out else x.new_empty(0)
     saved = x.new_empty((4, structure.columns), dtype=accumulator_dtype(x.dtype))
@@ -100,18 +79,18 @@ def _(x, params, centers, block):
 
 @torch.library.custom_op("fused_inception::block_train_backward", mutates_args=())
 def block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, raw_out: torch.Tensor, raw_mid: torch.Tensor,
-                         saved: torch.Tensor, out: torch.Tensor, params: List[torch.Tensor], block: int,
+                         saved: torch.Tensor, out: torch.Tensor, params: List[torch.Tensor], program: int,
                          need_x: bool) -> List[torch.Tensor]:
     """Backward of block_train_forward: [dx (empty unless need_x), then per convolution problem
     its weight and bias gradients, then the BN sums [2, columns]]."""
     from fused_inception import training
 
-    b = _block(block)
-    plan = b.train_plan(x.dtype, x.device)
+    p = lookup(program)
+    plan = p.train_plan(x.dtype, x.device)
     if raw_mid.numel() == 0 and plan.layout.mid_channels == 0:
         raw_mid = raw_out
     dx, weight_grads, bias_grads, sums = training.backward(plan, x, raw_out, raw_mid, saved, out, params,
-                                                           grad_out, b._sync_group(), need_x)
+                                                           grad_out, p.sync_group(), need_x)
     if need_x and dx.stride() != x.stride():  # the layout the fake implementation states
         dx = torch.empty_like(x).copy_(dx)
     flat = [dx if need_x else x.new_empty(0)]
@@ -122,10 +101,10 @@ def block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, raw_out: torch
 
 
 @block_train_backward.register_fake
-def _(grad_out, x, raw_out, raw_mid, saved, out, params, block, need_x):
+def _(grad_out, x, raw_out, raw_mid, saved, out, params, program, need_x):
     from fused_inception.training import accumulator_dtype
 
-    structure = _train_layout(block)
+    structure = _train_layout(program)
     flat = [torch.empty_like(x) if need_x else x.new_empty(0)]
     for p in structure.problems:
         if p.gemm:
@@ -134,8 +113,8 @@ def _(grad_out, x, raw_out, raw_mid, saved, out, params, block, need_x):
 
 
 def _train_setup_context(ctx, inputs, output):
-    x, params, centers, block = inputs
-    ctx.block, ctx.n_centers = block, len(centers)
+    x, params, centers, program = inputs
+    ctx.program, ctx.n_centers = program, len(centers)
     ctx.save_for_backward(x, *output, *params)
 
 
@@ -144,8 +123,8 @@ def _train_backward(ctx, grad_out, *unused):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     need_x = ctx.needs_input_grad[0]
-    flat = block_train_backward(grad_out, x, raw_out, raw_mid, saved, out, params, ctx.block, need_x)
-    structure = _train_layout(ctx.block)
+    flat = block_train_backward(grad_out, x, raw_out, raw_mid, saved, out, params, ctx.program, need_x)
+    structure = _train_layout(ctx.program)
     weight_grads, bias_grads, it = [], [], iter(flat[1:-1])
     for p in structure.problems:
         w, b = (next(it), next(it)) if p.gemm else (None, None)

@@ -363,10 +363,12 @@ class Layout:
 @dataclass
 class Plan:
     """Everything an inference `forward` needs besides the input: the layout and the stages with
-    their weights in kernel layout and BatchNorm folded."""
+    their weights in kernel layout and BatchNorm folded; per input shape and layout, the stages'
+    launches (kconv.StageLaunch), worked out on the first call with that input."""
 
     layout: Layout
     stages: list
+    _by_input: dict = field(default_factory=dict)
 
     @property
     def out_channels(self):
@@ -382,12 +384,46 @@ class Plan:
     def sizes(self, h, w):
         return self.layout.sizes(h, w)
 
-    def run(self, x, memory_format):
-        """Run every stage on x (logical NCHW, any strides) and return the block output."""
-        out, mid = self.layout.buffers(x, x.dtype, memory_format)
-        for stage in self.stages:
-            stage.run(x, out, mid)
+    def run(self, x, memory_format=None):
+        """Run every stage on x (logical NCHW, any strides) and return the block output, in
+        `memory_format` (default: the one eager convolutions would return for x)."""
+        entry = self._by_input.get((x.shape, x.stride(), memory_format))
+        if entry is None:
+            entry = self._prepare(x, memory_format)
+        out_alloc, mid_alloc, launches = entry
+        out = torch.empty(out_alloc[0], **out_alloc[1])
+        mid = out if mid_alloc is None else torch.empty(mid_alloc[0], **mid_alloc[1])
+        for launch in launches:
+            launch(x, out, mid)
         return out
+
+    def _prepare(self, x, requested):
+        memory_format = output_memory_format(x) if requested is None else requested
+        out, mid = self.layout.buffers(x, x.dtype, memory_format)
+        if x.shape[0] == 0:
+            launches = ()
+        else:
+            launches = tuple(kconv.StageLaunch(s.spec, s.table, s.ncols, s.depth, s.weight, s.scale, s.shift, x, out,
+                                               mid) for s in self.stages)
+        def alloc(t, fmt):  # torch.empty's arguments
+            return (t.shape, dict(memory_format=fmt, dtype=x.dtype, device=x.device))
+
+        entry = (alloc(out, memory_format), None if mid is out else alloc(mid, torch.channels_last), launches)
+        if len(self._by_input) >= 16:  # inputs of many shapes: keep the latest
+            self._by_input.clear()
+        self._by_input[(x.shape, x.stride(), requested)] = entry
+        return entry
+
+    def launches(self):
+        """The StageLaunches prepared so far (all input shapes)."""
+        return [launch for entry in self._by_input.values() for launch in entry[2]]
+
+
+def output_memory_format(x):
+    """The memory format eager convolutions return for x: channels_last iff x is channels_last."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def geometry_of(graph):

@@ -567,19 +567,35 @@ def accumulator(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _precision_getters():
+    """Readers of torch's fp32 precision settings, most specific first: cuDNN conv, cuDNN, global
+    (the API of torch 2.9 and later), or None on older torch."""
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    if getter is None:
+        return None
+    try:
+        getter("cuda", "conv")
+    except Exception:  # noqa: BLE001 - an older spelling of the API
+        return None
+    return (lambda: getter("cuda", "conv"), lambda: getter("cuda", "all"), lambda: getter("generic", "all"))
+
+
+_PRECISION_GETTERS = _precision_getters()
+
+
 def fp32_precision():
     """"tf32" if eager fp32 convolutions may use TF32 now, else "ieee": the most specific of
-    torch's precision settings that says either (cuDNN conv, cuDNN, global: torch 2.9's API),
-    else the legacy flag torch.backends.cudnn.allow_tf32 (reading it raises once the new API
-    set different values for conv and RNN)."""
-    cudnn = torch.backends.cudnn
-    for scope in (getattr(cudnn, "conv", None), cudnn, torch.backends):
-        value = getattr(scope, "fp32_precision", None) if scope is not None else None
+    torch's precision settings that says either (torch.backends.cudnn.conv.fp32_precision, then
+    torch.backends.cudnn.fp32_precision, then torch.backends.fp32_precision; "none" defers to the
+    next, and to "ieee" at the end), else (older torch) torch.backends.cudnn.allow_tf32. Reading
+    allow_tf32 itself raises once the new API set different values for cuDNN conv and RNN."""
+    if _PRECISION_GETTERS is None:
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    for get in _PRECISION_GETTERS:
+        value = get()
         if value in ("tf32", "ieee"):
             return value
-    if getattr(getattr(cudnn, "conv", None), "fp32_precision", None) == "none":
-        return "ieee"  # the new API is there and nothing asks for TF32
-    return "tf32" if cudnn.allow_tf32 else "ieee"
+    return "ieee"
 
 
 def kernel_geometry(t, channels_last):
@@ -645,7 +661,7 @@ class StageLaunch:
     arguments); x may later come at another 16-byte alignment (it is checked per call)."""
 
     __slots__ = ("spec", "head", "tail", "consts", "sizes", "ncols", "configs", "device", "compiled", "grid", "meta",
-                 "training", "scale", "fp32", "pin")
+                 "training", "scale", "fp32", "pin", "cuda_index", "run", "tail_meta")
 
     def __init__(self, spec, table, ncols, depth, weight, scale, shift, x, out, mid, training=False):
         batch = x.shape[0]
@@ -667,26 +683,36 @@ class StageLaunch:
         self.sizes = tuple(batch * (o_hw if spec_field(p, "dst0") == BUF_OUT else m_hw) for p in spec)
         self.configs = [_pinned] if _pinned is not None else configs_for(spec)
         self.device = x.device
+        self.cuda_index = x.device.index if x.device.type == "cuda" else None
         self.fp32 = dtype == torch.float32
         self.pin = _pin_generation
-        self.compiled = self.grid = self.meta = None
+        self.compiled = self.grid = self.meta = self.run = None
 
     def _grid(self, meta):
         return (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
                     for m, n in zip(self.sizes, self.ncols)),)
 
     def __call__(self, x, out, mid, raw_out=None, raw_mid=None, stats=None, center=None):
-        if not self.training:
+        if self.training:
+            pass
+        elif (self.run is not None and self.pin == _pin_generation and x.data_ptr() % 16 == 0
+              and (self.cuda_index is None or self.cuda_index == torch.cuda.current_device())
+              and (not self.fp32 or fp32_precision() == self.consts["INPUT_PRECISION"])):
+            # An eval launch as most are: straight to the compiled kernel.
+            self.run(*self.head, x, out, mid, out, mid, self.scale, self.scale, *self.tail_meta)
+            global _launches
+            _launches += 1
+            return
+        else:
             raw_out, raw_mid, stats, center = out, mid, self.scale, self.scale  # unused: any tensor
         if (self.compiled is not None and x.data_ptr() % 16 == 0 and self.pin == _pin_generation
                 and (not self.fp32 or fp32_precision() == self.consts["INPUT_PRECISION"])):
-            if self.device.index != torch.cuda.current_device():
-                with torch.cuda.device(self.device):
+            if self.cuda_index is not None and self.cuda_index != torch.cuda.current_device():
+                with torch.cuda.device(self.device):  # the kernel runs on the current device
                     self.compiled[self.grid](*self.head, x, out, mid, raw_out, raw_mid, stats, center, *self.tail,
                                              *self.meta)
             else:
-                self.compiled[self.grid](*self.head, x, out, mid, raw_out, raw_mid, stats, center, *self.tail,
-                                         *self.meta)
+                self.run(*self.head, x, out, mid, raw_out, raw_mid, stats, center, *self.tail, *self.meta)
             count_launch()
             return
         args = (*self.head, x, out, mid, raw_out, raw_mid, stats, center, *self.tail)
@@ -707,7 +733,8 @@ class StageLaunch:
         """Through Triton: autotuning (the configs benchmarked, hidden from dispatch modes such as
         launch counters) and compiling; the kernel it picks is kept for the next calls (unless x
         was not 16-byte aligned: the kernel would then assume what later inputs may not give)."""
-        guard = (torch.cuda.device(self.device) if self.device.index != torch.cuda.current_device()
+        guard = (torch.cuda.device(self.device)
+                 if self.cuda_index is not None and self.cuda_index != torch.cuda.current_device()
                  else contextlib.nullcontext())
         with guard, hidden_from_dispatch():
             config = _pinned
@@ -719,8 +746,10 @@ class StageLaunch:
                 config = tuner.best_config
         if x.data_ptr() % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in args[:11]):
             self.compiled, self.grid = compiled, self._grid(config.kwargs)
+            self.run = compiled[self.grid]  # (Triton's launcher for this grid)
             meta = dict(self.consts, **config.kwargs)
             self.meta = tuple(meta[name] for name in _STAGE_META)
+            self.tail_meta = self.tail + self.meta
 
 
 # The constexpr parameters of _stage_kernel after the runtime ones, in signature order (a compiled
