@@ -307,19 +307,21 @@ def device():
 @pytest.fixture
 def interpreter_launches(monkeypatch):
     """Launches counted independently of fused_inception's counter: Triton's interpreter calls
-    InterpretedFunction.run once per launch; on CUDA the autotuner's run is called once per launch
-    (its first call benchmarks the configs inside)."""
+    InterpretedFunction.run once per launch; on CUDA Triton calls its launch-enter hook once
+    per kernel launch (through the JIT or a compiled kernel's launcher alike)."""
+    calls = []
     if kconv.INTERPRETING:
         from triton.runtime.interpreter import InterpretedFunction as launcher
+
+        original = launcher.run
+
+        def run(self, *args, **kwargs):
+            calls.append(self)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(launcher, "run", run)
     else:
-        from triton.runtime.autotuner import Autotuner as launcher
+        import triton
 
-    calls = []
-    original = launcher.run
-
-    def run(self, *args, **kwargs):
-        calls.append(self)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(launcher, "run", run)
+        monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: calls.append(metadata))
     return calls

@@ -1,0 +1,156 @@
+"""What a GPU launch does besides the kernel, checked on the CPU with stand-ins for CUDA.
+
+The first launch of a stage goes through Triton's autotuner (benchmarks with torch ops of its
+own, then compiles); later launches call the compiled kernel directly, on the device of the
+block's tensors; fp32 follows torch's TF32 settings as eager convolutions do. None of these
+paths runs under the interpreter, so each is driven here through kernels.conv.StageLaunch with
+fakes where CUDA would be.
+"""
+
+import contextlib
+
+import pytest
+import torch
+import triton
+
+from fused_inception import FusedInception, count_launches
+from fused_inception.kernels import conv as kconv
+from fused_inception.launches import count_torch_kernels
+
+
+def _launch(dtype=torch.float32):
+    """A StageLaunch of one 1x1 convolution (16 -> 8 channels) on CPU tensors, and its buffers."""
+    x = torch.randn(2, 16, 4, 4, dtype=dtype).to(memory_format=torch.channels_last)
+    out = torch.empty(2, 8, 4, 4, dtype=dtype).to(memory_format=torch.channels_last)
+    spec = (kconv.problem_spec(align=8),)
+    table = torch.tensor([[16, 8, 0, 8, 0, 0, 0, 16, 0]], dtype=torch.int32)
+    w, s = torch.randn(8 * 16, dtype=dtype), torch.ones(8)
+    return kconv.StageLaunch(spec, table, (8,), (16,), w, s, s * 0, x, out, out), x, out
+
+
+class _Kernel:
+    """A compiled kernel's stand-in: records the launches (and the device current at each)."""
+
+    def __init__(self, device_of_launch=None):
+        self.calls, self.device_of_launch = [], device_of_launch
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args):
+        self.calls.append(self.device_of_launch() if self.device_of_launch else args)
+
+
+class _Tuner:
+    """Triton's autotuner as the first launch sees it: benchmarking runs torch ops (zeroing
+    buffers, flushing L2), then it launches the best config and returns the compiled kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.best_config = kernel, kconv.CONFIGS[0]
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            torch.zeros(4).zero_()  # what do_bench's L2 flush and reset_to_zero do
+            return self.kernel
+        return run
+
+
+def test_first_launch_hides_autotuning_from_counters(monkeypatch):
+    """A launch whose kernel is not tuned yet, inside count_launches/count_torch_kernels: one
+    launch, no torch kernels (the autotuner's benchmarking is not the model's work); the next
+    launch calls the compiled kernel directly."""
+    launch, x, out = _launch()
+    kernel = _Kernel()
+    monkeypatch.setattr(kconv, "_eval_tuner", _Tuner(kernel))
+    with count_launches() as n, count_torch_kernels() as k:
+        launch._first_launch((*launch.head, x, out, out, out, out, launch.scale, launch.scale, *launch.tail), x)
+        kconv.count_launch()
+    assert (n.value, k.value) == (1, 0), k.names
+    assert launch.run is kernel and launch.meta[kconv._STAGE_META.index("BLOCK_M")] == 128
+    with count_launches() as n:
+        launch(x, out, out)
+    assert n.value == 1 and len(kernel.calls) == 1
+
+
+def test_launch_runs_on_the_device_of_its_tensors(monkeypatch):
+    """Kernels launch on the current CUDA device: a block on cuda:1 while cuda:0 is current must
+    switch (without the guard: an illegal memory access)."""
+    launch, x, out = _launch(torch.bfloat16)
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(d):
+        before, current[0] = current[0], torch.device(d).index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    kernel = _Kernel(device_of_launch=lambda: current[0])
+    launch.device, launch.cuda_index = torch.device("cuda:1"), 1
+    launch.compiled, launch.run, launch.grid, launch.meta = kernel, kernel, (1,), ()
+    launch.tail_meta = launch.tail
+    launch(x, out, out)
+    assert kernel.calls == [1] and current[0] == 0  # launched on cuda:1, cuda:0 current again after
+    current[0] = 1
+    launch(x, out, out)
+    assert kernel.calls == [1, 1]
+
+
+@pytest.mark.parametrize("settings,expected", [
+    ({}, "tf32"),  # PyTorch's default for cuDNN convolutions
+    ({"cudnn.allow_tf32": False}, "ieee"),  # the legacy flag
+    ({"cudnn.conv.fp32_precision": "ieee"}, "ieee"),  # the new API: reading allow_tf32 would raise
+    ({"cudnn.conv.fp32_precision": "ieee", "fp32_precision": "tf32"}, "ieee"),  # the most specific wins
+    ({"cudnn.conv.fp32_precision": "none", "cudnn.fp32_precision": "tf32"}, "tf32"),  # "none" defers
+], ids=["default", "legacy-off", "new-api-ieee", "specific-wins", "none-defers"])
+def test_fp32_precision_follows_torch(settings, expected):
+    backends = torch.backends
+    saved = (backends.cudnn.allow_tf32, backends.cudnn.conv.fp32_precision, backends.cudnn.fp32_precision,
+             backends.fp32_precision)
+    try:
+        for name, value in settings.items():
+            *path, attr = name.split(".")
+            obj = backends
+            for p in path:
+                obj = getattr(obj, p)
+            setattr(obj, attr, value)
+        assert kconv.fp32_precision() == expected
+        launch, x, out = _launch()
+        with kconv.recording() as launches:  # what a launch would compile: the dot's precision
+            launch(x, out, out)
+        assert launches[0][2]["INPUT_PRECISION"] == expected
+    finally:
+        backends.cudnn.conv.fp32_precision, backends.cudnn.fp32_precision, backends.fp32_precision = saved[1:]
+        backends.cudnn.allow_tf32 = saved[0]
+
+
+def test_first_forward_under_inference_mode_then_outside():
+    """A block first run under torch.inference_mode, then outside it with another input shape
+    (a new launch, a new autotuning key on a GPU): nothing made under inference mode is updated
+    in place later (there used to be a shared placeholder the autotuner zeroed)."""
+    block = FusedInception(24, 8, 8, 16, 4, 8, 8).eval()
+    with torch.inference_mode():
+        a = block(torch.randn(1, 24, 5, 5))
+    with torch.no_grad():
+        b = block(torch.randn(2, 24, 6, 6))
+    assert a.shape == (1, 40, 5, 5) and b.shape == (2, 40, 6, 6)
+
+
+def test_pinned_config_is_used_and_picked_again_after_unpinning():
+    """pin_config(i): every launch takes CONFIGS[i] (recorded: the configs a launch may run
+    under); None restores autotuning over the stage's configs."""
+    launch, x, out = _launch()
+    try:
+        kconv.pin_config(2)
+        with kconv.recording() as launches:
+            launch(x, out, out)
+        assert launches[0][3] == [kconv.CONFIGS[2]]
+    finally:
+        kconv.pin_config(None)
+    with kconv.recording() as launches:
+        launch(x, out, out)
+    assert launches[0][3] == kconv.configs_for(launch.spec)
+    assert all(isinstance(c, triton.Config) for c in launches[0][3])
