@@ -4,29 +4,23 @@
     python bench/kernel_census.py --compile 4          # + compile 4 of them for sm_90, timed
     python bench/kernel_census.py --compile all --jobs 16 --parts networks   # precompile (cache)
 
-Every Triton launch the library makes goes through `JITFunction.run` (plain kernels) or
-`Autotuner.run` (autotuned ones). Both are replaced here by recorders that compute the JIT's own
-specialisation key (argument types, 16-byte alignment, integers equal to 1 or divisible by 16,
-constexprs, num_warps/num_stages) for a Hopper target, as the JIT would on an H200, and launch
-nothing; an autotuned launch records its tuning key and one specialisation per config (what the
-autotuner compiles and benchmarks). The models run on the `meta` device: shapes only, so whole
-networks at batch 256 cost nothing.
+The quick run's workloads (bench/quick.py `workloads`) run on the `meta` device with the
+library's launches recorded (`fused_inception.kernels.conv.recording`): shapes only, so whole
+networks at batch 256 cost nothing. Each launch's compilations (one per autotune config) are
+specialised by Triton's own JIT binder for an sm_90 target (`fused_inception.codegen`), so:
+compiles = distinct specialisations; autotune benchmarks = distinct (kernel, tuning key) pairs.
 
-So: compiles = distinct specialisations; autotune benchmarks = distinct (kernel, tuning key)
-pairs, each timing every config (~0.1-0.2 s a config with do_bench's defaults).
+`--compile N|all` compiles the first N (or all) for sm_90 into TRITON_CACHE_DIR, where the JIT
+of a GPU process with the same Triton finds them (`--check-cache-hit` shows it with a fake
+sm_90 driver): on the device's 16 cores, before the timed parts.
 
-`--compile N|all` compiles the first N (or all) distinct specialisations with `triton.compile`
-exactly as `JITFunction._do_compile` does (same source, signature, constexprs, attributes and
-options; target sm_90), timing each: on this CPU that measures compile cost; with
-TRITON_CACHE_DIR set it also fills Triton's cache, which the JIT on an sm_90 GPU reads with the
-same key (an idea for the device's 16 cores: `--jobs 16` before the timed parts).
-
-Not part of CI: a planning tool. Run with TRITON_INTERPRET unset (it sets 0 itself).
+Not part of CI (tests/test_bench_census.py runs pieces of it). TRITON_INTERPRET is set to 0.
 """
 
 import argparse
 import collections
 import concurrent.futures
+import itertools
 import json
 import multiprocessing
 import os
@@ -38,118 +32,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)  # an H100/H200: what driver.active.get_current_target() returns there
+from fused_inception import codegen  # noqa: E402
+from fused_inception.kernels import conv as kconv  # noqa: E402
 
 
-class Recorder:
-    """Replaces JITFunction.run / Autotuner.run while active; collects what would compile."""
-
-    def __init__(self, on_new_spec=None):
-        from triton.compiler.compiler import make_backend
-
-        self.on_new_spec = on_new_spec  # called (index, key, entry) as each new specialisation appears
-        self.backend = make_backend(TARGET)
-        self.binders = {}
-        self.specs = collections.OrderedDict()  # cache key -> (fn, bound_args, specialization, options, kwargs)
-        self.tuning = collections.Counter()  # (kernel name, tuning key) -> launches
-        self.launches = collections.Counter()  # kernel name -> launches
-        self.part = None
-        self.tuned_specs = set()  # keys of specialisations reached through an autotuner
-        self.per_part = collections.defaultdict(lambda: {"specs": set(), "tuning": set()})
-
-    def _jit_run(self, fn, args, kwargs, count=True):
-        from triton import knobs
-
-        kwargs = dict(kwargs)
-        kwargs.pop("grid", None)
-        kwargs.pop("warmup", None)
-        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        if fn not in self.binders:
-            self.binders[fn] = create_function_from_signature(fn.signature, fn.params, self.backend)
-        bound_args, specialization, options = self.binders[fn](*args, **kwargs)
-        key = (fn.fn.__qualname__, str(specialization), str(options))
-        if key not in self.specs:
-            self.specs[key] = (fn, bound_args, specialization, options, kwargs)
-            if self.on_new_spec is not None:
-                self.on_new_spec(len(self.specs) - 1, key, self.specs[key])
-        self.per_part[self.part]["specs"].add(key)
-        if count:
-            self.launches[fn.fn.__qualname__] += 1
-        else:
-            self.tuned_specs.add(key)
-
-    def _tune_run(self, tuner, args, kwargs):
-        nargs = dict(zip(tuner.arg_names, args))
-        all_args = {**nargs, **kwargs}
-        _args = {k: v for k, v in all_args.items() if k in tuner.arg_names}
-        key = [_args[k] for k in tuner.keys if k in _args]
-        key += [str(a.dtype) for a in _args.values() if hasattr(a, "dtype")]
-        name = _base(tuner).fn.__qualname__
-        tkey = (name, tuple(str(k) for k in key))
-        self.tuning[tkey] += 1
-        self.per_part[self.part]["tuning"].add(tkey)
-        self.launches[name] += 1
-        tuner.nargs = nargs
-        configs = tuner.prune_configs(kwargs) if len(tuner.configs) > 1 else tuner.configs
-        tuner.nargs = None
-        for config in configs:
-            _dispatch(self, tuner.fn, args, dict(kwargs, **config.all_kwargs()), count=False)
-
-    def __enter__(self):
-        self._saved = (JITFunction.run, Autotuner.run)
-        rec = self
-
-        def jit_run(fn, *args, **kwargs):
-            rec._jit_run(fn, args, kwargs)
-
-        def tune_run(tuner, *args, **kwargs):
-            rec._tune_run(tuner, args, kwargs)
-
-        JITFunction.run, Autotuner.run = jit_run, tune_run
-        return self
-
-    def __exit__(self, *exc):
-        JITFunction.run, Autotuner.run = self._saved
-
-
-def _base(fn):
-    while not isinstance(fn, JITFunction):
-        fn = fn.fn
-    return fn
-
-
-def _dispatch(rec, fn, args, kwargs, count=True):
-    """Run `fn` (a JITFunction or a wrapper such as Heuristics) as the recorder sees it."""
-    if isinstance(fn, JITFunction):
-        rec._jit_run(fn, args, kwargs, count)
-    else:
-        fn.run(*args, **kwargs)
-
-
-def compile_spec(entry):
-    """Compile one recorded specialisation for sm_90 as JITFunction._do_compile does; seconds."""
-    fn, bound_args, specialization, options, kwargs = entry
-    from triton.compiler import ASTSource
-    from triton.compiler.compiler import make_backend
-
-    backend = make_backend(TARGET)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-    start = time.perf_counter()
-    triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
-    return time.perf_counter() - start
-
-
-def _force_kernel_path():
-    """CPU/meta tensors take the kernel path (launches are recorded, never run)."""
-    from fused_inception import blocks
-
-    blocks.triton_available_for = lambda x: True
-    # Autocast has no `meta` device type: asked about it, answer as for a device without autocast.
+def _meta_autocast():
+    """Autocast has no `meta` device type: asked about it, answer as for a device without autocast."""
     for name in ("is_autocast_enabled", "get_autocast_dtype"):
         original = getattr(torch, name)
 
@@ -161,21 +50,23 @@ def _force_kernel_path():
         setattr(torch, name, wrapper)
 
 
-def census(parts, rec, limit=None):
-    """Drive the quick run's workloads on the meta device, part by part (the first `limit` of each)."""
-    import itertools
-
+def record(parts, limit=None):
+    """{part: [launch records]} of the quick run's workloads (the first `limit` of each part)."""
     import quick
 
-    _force_kernel_path()
+    _meta_autocast()
+    out = {}
     for part in parts:
-        rec.part = part
+        out[part] = []
         for what, run in itertools.islice(quick.workloads(part, device="meta"), limit):
             try:
-                with torch.no_grad() if not what.startswith("train") else _nullcontext():
+                with kconv.recording() as launches, (torch.no_grad() if not what.startswith("train")
+                                                     else _nullcontext()):
                     run()
+                out[part] += launches
             except Exception as e:  # noqa: BLE001 - a workload the meta device can't run is reported
                 print(f"  {part}: {what}: not counted ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+    return out
 
 
 class _nullcontext:
@@ -186,25 +77,31 @@ class _nullcontext:
         return False
 
 
-def _compile_worker(args):
-    """Process-pool worker: run the census and compile each specialisation with index % jobs ==
-    rank as soon as it is recorded (the smoke's first, while the device run starts the smoke)."""
-    parts, rank, jobs, limit = args
-    os.environ.setdefault("TRITON_INTERPRET", "0")
-    times = []
+def tuning_key(kernel, args, consts):
+    """What the autotuner keys a stage launch on (its `key` arguments and the tensors' dtypes);
+    None for kernels that aren't autotuned."""
+    if kernel is not kconv._stage_kernel:
+        return None
+    names = [n for n in kernel.arg_names if n not in kconv._STAGE_META]  # (the runtime arguments)
+    values = dict(zip(names, args), **consts)
+    return (tuple(str(values[k]) for k in kconv._TUNE_KEY)
+            + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
 
-    def compile_mine(i, key, entry):
-        if i % jobs != rank or (limit is not None and i >= limit):
-            return
-        try:
-            times.append((key[0], compile_spec(entry)))
-        except Exception as e:  # noqa: BLE001 - reported, the others go on
-            times.append((key[0], f"failed: {type(e).__name__}: {str(e)[:200]}"))
 
-    rec = Recorder(on_new_spec=compile_mine)
-    with rec:
-        census(parts, rec)
-    return times
+def _job_key(job):
+    _, kernel, signature, constexprs, attrs, options, _ = job
+    return (kernel.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+            repr(sorted(attrs.items())), repr(sorted(options.items())))
+
+
+def _compile_job(spec):
+    """Process-pool worker: compile one job into Triton's cache; seconds (or the error)."""
+    start = time.perf_counter()
+    try:
+        codegen._compile_in_worker(spec)
+    except Exception as e:  # noqa: BLE001 - reported, the others go on
+        return spec[1], f"failed: {type(e).__name__}: {str(e)[:200]}"
+    return spec[1], time.perf_counter() - start
 
 
 class _FakeDriver:
@@ -217,37 +114,39 @@ class _FakeDriver:
         return 0
 
     def get_current_target(self):
-        return TARGET
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", *codegen.HOPPER)
 
     def is_active(self):
         return True
 
 
 def check_cache_hit(part="smoke"):
-    """Compile one recorded specialisation here, then ask Triton's own JIT (warmup=True, a fake
-    sm_90 driver) for the same launch: it must find it in TRITON_CACHE_DIR instead of compiling.
-    Returns (compile seconds, JIT seconds). This is what makes the device-side precompile count."""
+    """Compile one recorded launch's kernel here (codegen), then ask Triton's own JIT (warmup=True,
+    a fake sm_90 driver) for the same launch: it must find it in TRITON_CACHE_DIR instead of
+    compiling. Returns (compile seconds, JIT seconds)."""
     import triton.runtime as runtime
 
-    rec = Recorder()
-    with rec:
-        census([part], rec, limit=3)
+    launches = record([part], limit=3)[part]
     # A plain (not autotuned) kernel if there is one: the training BatchNorm kernels compile fastest.
-    plain = [k for k in rec.specs if k not in rec.tuned_specs] or list(rec.specs)
-    fn, bound_args, specialization, options, kwargs = rec.specs[plain[0]]
-    compile_s = compile_spec(rec.specs[plain[0]])
+    kernel, args, consts, configs = next((rec for rec in launches if rec[0] is not kconv._stage_kernel),
+                                         launches[0])
+    config = configs[0]
+    (_, k, signature, constexprs, attrs, options, _), = codegen._jobs([(kernel, args, consts, [config])])
+    start = time.perf_counter()
+    codegen._compile(k, signature, constexprs, attrs, options)
+    compile_s = time.perf_counter() - start
     saved = runtime.driver._active
     runtime.driver.set_active(_FakeDriver())
     try:
-        fn.device_caches.clear()  # binders made before the fake driver
-        names = {p.name for p in fn.params}
+        kernel.device_caches.clear()  # binders made before the fake driver
         start = time.perf_counter()
-        kernel = JITFunction.run(fn, *bound_args.values(), grid=None, warmup=True,
-                                 **{k: v for k, v in kwargs.items() if k not in names})
+        compiled = kernel.run(*args, grid=None, warmup=True, **consts, **config.all_kwargs())
         jit_s = time.perf_counter() - start
     finally:
         runtime.driver._active = saved
-    assert kernel is not None
+    assert compiled is not None
     return compile_s, jit_s
 
 
@@ -264,52 +163,44 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.check_cache_hit:
         compile_s, jit_s = check_cache_hit()
+        hit = jit_s < min(1.0, compile_s / 4)
         print(f"cache hit check: compiled in {compile_s:.1f} s; the JIT then took {jit_s:.3f} s "
-              f"({'HIT' if jit_s < min(1.0, compile_s / 4) else 'MISS: it compiled again'})")
-        return 0 if jit_s < min(1.0, compile_s / 4) else 1
+              f"({'HIT' if hit else 'MISS: it compiled again'})")
+        return 0 if hit else 1
     parts = args.parts.split(",")
-    limit = None if args.compile in (None, "all") else int(args.compile)
-    pool = futures = None
-    compile_start = time.perf_counter()
-    if args.compile and args.jobs > 1:
-        # The workers first, so they compile while this process counts. spawn, not fork: forking a
-        # process that holds torch's threads can hang the children.
-        pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
-        futures = [pool.submit(_compile_worker, (parts, r, args.jobs, limit)) for r in range(args.jobs)]
-    rec = Recorder()
     start = time.perf_counter()
-    with rec:
-        census(parts, rec)
+    recorded = record(parts)
     print(f"census of {parts} in {time.perf_counter() - start:.1f} s (triton {triton.__version__}, "
           f"torch {torch.__version__})")
-    seen = set()
-    summary = {}
+    seen, summary, all_jobs, tuning = set(), {}, [], set()
     for part in parts:
-        specs, tuning = rec.per_part[part]["specs"], rec.per_part[part]["tuning"]
-        new = specs - seen
-        seen |= specs
-        by_kernel = collections.Counter(k[0] for k in new)
-        summary[part] = dict(specs=len(specs), new_specs=len(new), tuning_keys=len(tuning),
-                             new_by_kernel=dict(by_kernel))
-        print(f"  {part:10s} specialisations {len(specs):4d} (new {len(new):4d}: {dict(by_kernel)}), "
-              f"autotune keys {len(tuning):4d}")
-    print(f"  total distinct specialisations {len(rec.specs)}, autotune keys {len(rec.tuning)}, "
-          f"launches recorded {dict(rec.launches)}")
-    result = dict(parts=summary, total_specs=len(rec.specs), total_tuning_keys=len(rec.tuning),
+        jobs = codegen._jobs(recorded[part])
+        new = [j for j in jobs if _job_key(j) not in seen]
+        seen |= {_job_key(j) for j in jobs}
+        all_jobs += new
+        part_tuning = {(rec[0].__name__, tuning_key(*rec[:3])) for rec in recorded[part]
+                       if tuning_key(*rec[:3]) is not None}
+        tuning |= part_tuning
+        by_kernel = collections.Counter(j[1].__name__ for j in new)
+        summary[part] = dict(specs=len(jobs), new_specs=len(new), tuning_keys=len(part_tuning),
+                             new_by_kernel=dict(by_kernel), launches=len(recorded[part]))
+        print(f"  {part:10s} specialisations {len(jobs):4d} (new {len(new):4d}: {dict(by_kernel)}), "
+              f"autotune keys {len(part_tuning):4d}, launches {len(recorded[part])}")
+    print(f"  total distinct specialisations {len(all_jobs)}, autotune keys {len(tuning)}")
+    result = dict(parts=summary, total_specs=len(all_jobs), total_tuning_keys=len(tuning),
                   triton=triton.__version__, torch=torch.__version__)
     if args.compile:
-        start = compile_start
-        if pool is not None:
-            with pool:
-                times = [t for f in futures for t in f.result()]
+        todo = all_jobs if args.compile == "all" else all_jobs[:int(args.compile)]
+        specs = [(k.__module__, k.__name__, sig, const, attrs, options, codegen.HOPPER)
+                 for _, k, sig, const, attrs, options, _ in todo]
+        start = time.perf_counter()
+        if args.jobs > 1:
+            # spawn, not fork: forking a process that holds torch's threads can hang the children.
+            with concurrent.futures.ProcessPoolExecutor(args.jobs,
+                                                        mp_context=multiprocessing.get_context("spawn")) as pool:
+                times = list(pool.map(_compile_job, specs))
         else:
-            times = []
-            for i, (key, entry) in enumerate(rec.specs.items()):
-                if limit is not None and i >= limit:
-                    break
-                t = compile_spec(entry)
-                print(f"  compiled {key[0]} #{i}: {t:.1f} s", flush=True)
-                times.append((key[0], t))
+            times = [_compile_job(s) for s in specs]
         ok = [t for _, t in times if isinstance(t, float)]
         wall = time.perf_counter() - start
         print(f"  compiled {len(ok)} of {len(times)} in {wall:.1f} s wall; per kernel "
@@ -325,4 +216,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)
