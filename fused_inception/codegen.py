@@ -128,32 +128,60 @@ def record_launches(model, x):
     return launches
 
 
-def _jobs(launches):
+def _jit_compile_args(kernel, args, kwargs, target):
+    """(signature, constexprs, attrs, options) exactly as Triton's JIT would compile this launch
+    for `target`: its own argument binder and packing (private Triton API, present in 3.6 to
+    3.8), so the compiled kernel lands under the cache key the JIT on a GPU looks up. None
+    where this Triton lacks them."""
+    try:
+        from triton import knobs
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError:
+        return None
+    if not hasattr(kernel, "_pack_args"):
+        return None
+    backend = make_backend(GPUTarget("cuda", *target))
+    kwargs = dict(kwargs, debug=kwargs.get("debug", kernel.debug) or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options.__dict__
+
+
+def _jobs(launches, target=HOPPER):
     """The distinct compilations of recorded launches: (label, kernel, signature, constexprs,
-    attrs, num_warps, num_stages, metadata)."""
+    attrs, options, metadata)."""
     seen, jobs = set(), []
     for kernel, args, consts, configs in launches:
         for config in configs:
-            signature, constexprs, attrs = _signature(kernel, args, dict(consts, **config.kwargs))
-            key = (kernel.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())),
-                   repr(sorted(attrs.items())), config.num_warps, config.num_stages)
+            kwargs = dict(consts, **config.all_kwargs())
+            packed = _jit_compile_args(kernel, args, kwargs, target)
+            if packed is None:  # (another Triton: the same specialisation, by hand)
+                signature, constexprs, attrs = _signature(kernel, args, dict(consts, **config.kwargs))
+                packed = (signature, constexprs, attrs, {"num_warps": config.num_warps,
+                                                         "num_stages": config.num_stages})
+            signature, constexprs, attrs, options = packed
+            key = (kernel.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+                   repr(sorted(attrs.items())), repr(sorted(options.items())))
             if key in seen:
                 continue
             seen.add(key)
             dtype = _dtype_name(consts, args)
-            jobs.append((f"{_label(kernel, consts, config)} {dtype}", kernel, signature, constexprs, attrs,
-                         config.num_warps, config.num_stages, dict(consts, dtype=dtype)))
+            jobs.append((f"{_label(kernel, consts, config)} {dtype}", kernel, signature, constexprs, attrs, options,
+                         dict(consts, dtype=dtype)))
     return jobs
 
 
-def _compile(kernel, signature, constexprs, attrs, num_warps, num_stages, target=HOPPER):
+def _compile(kernel, signature, constexprs, attrs, options, target=HOPPER):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", *target),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=GPUTarget("cuda", *target), options=options)
 
 
 def _compile_in_worker(job):
@@ -181,18 +209,18 @@ def compile_kernels(model, x, target=HOPPER, workers=1):
     if kconv.INTERPRETING:
         raise RuntimeError("fused_inception.codegen needs Triton's compiler: unset TRITON_INTERPRET before "
                            "importing fused_inception")
-    jobs = _jobs(record_launches(model, x))
+    jobs = _jobs(record_launches(model, x), target)
     if workers > 1 and len(jobs) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        specs = [(k.__module__, k.__name__, sig, const, attrs, w, s, target)
-                 for _, k, sig, const, attrs, w, s, _ in jobs]
+        specs = [(k.__module__, k.__name__, sig, const, attrs, options, target)
+                 for _, k, sig, const, attrs, options, _ in jobs]
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_compile_in_worker, specs))
     out = []
-    for label, kernel, signature, constexprs, attrs, num_warps, num_stages, meta in jobs:
-        compiled = _compile(kernel, signature, constexprs, attrs, num_warps, num_stages, target)
+    for label, kernel, signature, constexprs, attrs, options, meta in jobs:
+        compiled = _compile(kernel, signature, constexprs, attrs, options, target)
         compiled.fused_inception_meta = meta
         out.append((label, compiled))
     return out
