@@ -51,6 +51,8 @@ class HeadRecipe:
     conv: str
     scale: object  # a number, or the qualified name (str) of a one-element buffer
     relu: bool
+    shortcut: Optional[str] = None  # a projection shortcut's conv (None: x itself)
+    bn: Optional[str] = None  # a BatchNorm after the add
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,10 @@ class Recipe:
             scale = self.head.scale
             if isinstance(scale, str):
                 scale = _attribute(module, scale)
-            head = ResidualHead(module.get_submodule(self.head.conv), scale, self.head.relu)
+            h = self.head
+            head = ResidualHead(module.get_submodule(h.conv), scale, h.relu,
+                                module.get_submodule(h.shortcut) if h.shortcut else None,
+                                module.get_submodule(h.bn) if h.bn else None)
         return BlockGraph(nodes, list(self.outputs), readers[0].in_channels, head)
 
     @property
@@ -256,25 +261,60 @@ _MUL = {operator.mul, torch.mul}
 
 
 def _residual_head(parser, result):
-    """(HeadRecipe, the fx value the head conv reads) for relu?(x + scale * conv(v)), else (None, None).
+    """(HeadRecipe, the fx value the head conv reads) for relu?(bn?(shortcut + scale * conv(v))),
+    shortcut being x itself or a conv of x (a projection), in any arrangement of the add and the
+    multiply; else (None, None).
 
     Nodes are only absorbed once the whole shape has matched; a non-match leaves no trace."""
-    taken, relu, cur = [], False, result
+    taken, relu, bn, cur = [], False, None, result
     if parser.is_relu(cur):
         relu = True
+        taken.append(cur)
+        cur = cur.args[0]
+    m = parser.submodule(cur) if isinstance(cur, fx.Node) else None
+    if m is not None and norms.is_batchnorm(m):
+        act, reason = norms.activation_of(m)
+        if reason is not None or (act and relu):
+            return None, None
+        relu = relu or act
+        bn = cur.target
         taken.append(cur)
         cur = cur.args[0]
     is_add = isinstance(cur, fx.Node) and ((cur.op == "call_function" and cur.target in _ADD)
                                            or (cur.op == "call_method" and cur.target == "add"))
     if not is_add or len(cur.args) != 2 or cur.kwargs:
         return None, None
-    a, b = cur.args
-    if b is parser.x:
-        a, b = b, a
-    if a is not parser.x or not isinstance(b, fx.Node):
+    for a, b in (cur.args, cur.args[::-1]):
+        shortcut = _shortcut(parser, a)
+        up_term = _up_term(parser, b) if shortcut is not False else None
+        if up_term is not None:
+            break
+    else:
         return None, None
-    taken.append(cur)
-    scale, up = 1.0, b
+    scale, up, up_taken = up_term
+    taken += [cur, *up_taken]
+    if shortcut is not None:
+        taken.append(a)
+    parser.absorbed.update(taken)
+    return HeadRecipe(up.target, scale, relu, None if shortcut is None else shortcut, bn), up.args[0]
+
+
+def _shortcut(parser, v):
+    """None for x itself, the qualified name of a Conv2d that reads x, else False."""
+    if v is parser.x:
+        return None
+    if isinstance(v, fx.Node) and isinstance(parser.submodule(v), nn.Conv2d) and len(v.args) == 1 \
+            and v.args[0] is parser.x and len(v.users) == 1:
+        return v.target
+    return False
+
+
+def _up_term(parser, b):
+    """(scale, the up-projection's conv node, nodes taken) for scale * conv(v), conv(v) * scale or
+    conv(v); None otherwise."""
+    if not isinstance(b, fx.Node):
+        return None
+    taken, scale, up = [], 1.0, b
     if b.op == "call_function" and b.target in _MUL or (b.op == "call_method" and b.target == "mul"):
         u, v = b.args
         if isinstance(u, fx.Node) and u.op == "call_module":
@@ -284,13 +324,12 @@ def _residual_head(parser, result):
         taken.append(b)
         if isinstance(scale, fx.Node):
             if scale.op != "get_attr":
-                return None, None
+                return None
             taken.append(scale)
             scale = scale.target
         elif not isinstance(scale, (int, float)):
-            return None, None
+            return None
     if not (isinstance(up, fx.Node) and isinstance(parser.submodule(up), nn.Conv2d)):
-        return None, None
+        return None
     taken.append(up)
-    parser.absorbed.update(taken)
-    return HeadRecipe(up.target, scale, relu), up.args[0]
+    return scale, up, taken

@@ -106,14 +106,23 @@ class ConvNode:
 
 @dataclass
 class ResidualHead:
-    """Inception-ResNet's end of block: relu?(cat * 1 -> conv (with bias) -> * scale + x).
+    """Inception-ResNet's end of block: relu?(bn?(shortcut(x) + scale * conv(cat))).
 
-    `scale` is a Python number or a one-element tensor (a buffer), read when the plan is built.
+    `shortcut` is None for the identity (Inception-ResNet-v1/v2: x itself) or a 1x1 stride-1
+    convolution (a projection shortcut, as some write-ups draw the block), `bn` an optional
+    BatchNorm after the add. `scale` is a Python number or a one-element tensor (a buffer), read
+    when the plan is built.
     """
 
     conv: nn.Conv2d
     scale: object = 1.0
     relu: bool = True
+    shortcut: Optional[nn.Conv2d] = None
+    bn: Optional[nn.Module] = None
+
+    @property
+    def out_channels(self):
+        return self.conv.out_channels
 
 
 @dataclass
@@ -142,8 +151,11 @@ class BlockGraph:
             results.append(y)
         y = results[self.outputs[0]] if len(self.outputs) == 1 else torch.cat([results[i] for i in self.outputs], 1)
         if self.head is not None:
-            y = self.head.conv(y) * self.head.scale + x
-            if self.head.relu:
+            head = self.head
+            y = head.conv(y) * head.scale + (x if head.shortcut is None else head.shortcut(x))
+            if head.bn is not None:
+                y = head.bn(y)
+            if head.relu:
                 y = F.relu(y)
         return y
 
@@ -214,11 +226,39 @@ def folded_scale_shift(node, cout, device):
     return scale.float(), shift.float()
 
 
+def head_scale_shift(head, device):
+    """((scale, shift) of the up-projection, (scale, shift) of the projection shortcut), fp32,
+    such that the head's result is relu?(conv_nobias(cat) * scale + shift + residual) with the
+    residual x itself, or conv_nobias(x) * sc_scale + sc_shift for a projection shortcut.
+
+    With a BatchNorm after the add (a = gamma / sqrt(var + eps), b = beta - mean * a):
+    bn(s * (up + up_bias) + sc) = (a s) up + (a s up_bias + b) + a sc, and a sc is what the
+    shortcut's problem stores. Computed in float64."""
+    cout = head.out_channels
+    s = float(head.scale)
+
+    def bias(conv):
+        if conv is not None and conv.bias is not None:
+            return conv.bias.detach().double()
+        return torch.zeros(cout, dtype=torch.float64, device=device)
+
+    a = torch.ones(cout, dtype=torch.float64, device=device)
+    b = torch.zeros(cout, dtype=torch.float64, device=device)
+    if head.bn is not None:
+        bn = head.bn
+        gamma = bn.weight.detach().double() if bn.weight is not None else a
+        beta = bn.bias.detach().double() if bn.bias is not None else b
+        a = gamma * torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+        b = beta - bn.running_mean.detach().double() * a
+    up = (a * s).float(), (a * s * bias(head.conv) + b).float()
+    return up, (a.float(), (a * bias(head.shortcut)).float())
+
+
 # A problem's description, as the layout builds it (buffers and channel slices: columns < split
 # go to dst0 at channel dst0_c, the rest to dst1 at dst1_c; a pool-only problem has gemm 0).
 ROW_DEFAULTS = dict(src=kconv.BUF_X, src_c=0, cin=0, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, pool=kconv.POOL_NONE,
                     pkh=1, pkw=1, psh=1, psw=1, pph=0, ppw=0, gemm=1, ncols=0, split=0, dst0=kconv.BUF_OUT,
-                    dst0_c=0, dst1=kconv.BUF_OUT, dst1_c=0, res=0, relu=0, bn=0)
+                    dst0_c=0, dst1=kconv.BUF_OUT, dst1_c=0, res=kconv.RES_NONE, res_c=0, relu=0, bn=0)
 
 
 def power_of_two_dividing(*values, cap=8):
@@ -231,8 +271,9 @@ def power_of_two_dividing(*values, cap=8):
 
 
 # A convolution with fewer input channels than this runs its K loop over (tap, channel) pairs
-# (kconv.KIND_GEMM_FLAT): a stem's 3 channels would fill a 64-wide K chunk per tap to 5%.
-FLAT_K_BELOW = 16
+# (kconv.KIND_GEMM_FLAT): a stem's 3 channels would fill a 64-wide K chunk per tap to 5%. From 8
+# channels on, a tap's channels are 16 bytes: the pipelined per-tap loop with masks serves better.
+FLAT_K_BELOW = 8
 
 
 def problem_spec(row, channels, walign):
@@ -245,8 +286,10 @@ def problem_spec(row, channels, walign):
     if split:
         written += [row["split"], channels[row["dst1"]], row["dst1_c"]]
     touched = [channels[row["src"]], row["src_c"], row["cin"]] + written
-    if row["res"]:
+    if row["res"] == kconv.RES_X:
         touched.append(channels[kconv.BUF_X])
+    elif row["res"] == kconv.RES_MID:
+        touched += [channels[kconv.BUF_MID], row["res_c"]]
     if not row["gemm"]:
         kind = kconv.KIND_POOL
     elif row["pool"]:
@@ -291,7 +334,7 @@ class Problem:
     """One GEMM of a stage (or one pool alone): its member nodes in column order and the fields of
     its table row that don't depend on how weights are laid out."""
 
-    members: tuple  # node indices, or ("head",) for the residual head
+    members: tuple  # node indices, or ("head",) / ("shortcut",) for the residual head's convolutions
     convs: tuple  # the members' nn.Conv2d (empty for a pool alone)
     bns: tuple  # the members' BatchNorm or None
     couts: tuple  # the members' output channels
@@ -452,7 +495,7 @@ def node_sizes(geometry, h, w):
 def output_shape(graph, n, h, w):
     """(N, C, H, W) of the block's output for an n x C x h x w input, without building a plan."""
     channels = graph.channels()
-    c = graph.in_channels if graph.head is not None else sum(channels[i] for i in graph.outputs)
+    c = graph.head.out_channels if graph.head is not None else sum(channels[i] for i in graph.outputs)
     oh, ow = node_sizes(geometry_of(graph), h, w)[graph.outputs[0]]
     if graph.head is not None:
         (kh, kw), (sh, sw), (ph, pw) = graph.head.conv.kernel_size, graph.head.conv.stride, graph.head.conv.padding
@@ -503,8 +546,16 @@ def check_graph(graph):
         raise UnsupportedBlock("a branch output appears twice in the concatenation")
     head = graph.head
     if head is not None:
-        _check_node("head", ConvNode(head.conv, None, head.relu), sum(couts[i] for i in graph.outputs))
-        if head.conv.out_channels != graph.in_channels:
+        _check_node("head", ConvNode(head.conv, head.bn, head.relu), sum(couts[i] for i in graph.outputs))
+        if head.shortcut is not None:
+            _check_node("shortcut", ConvNode(head.shortcut, None, False), graph.in_channels)
+            sc = head.shortcut
+            if (tuple(sc.kernel_size), tuple(sc.stride), tuple(sc.padding)) != ((1, 1), (1, 1), (0, 0)):
+                raise UnsupportedBlock("residual head: a projection shortcut must be a 1x1/stride 1/padding 0 conv")
+            if sc.out_channels != head.conv.out_channels:
+                raise UnsupportedBlock(f"residual head: the shortcut gives {sc.out_channels} channels, "
+                                       f"the up-projection {head.conv.out_channels}")
+        elif head.conv.out_channels != graph.in_channels:
             raise UnsupportedBlock(f"residual head: conv gives {head.conv.out_channels} channels, "
                                    f"the block input has {graph.in_channels}")
         if isinstance(head.scale, torch.Tensor) and head.scale.numel() != 1:
@@ -574,17 +625,27 @@ def build_layout(graph):
         stages.append(problems)
     head = None
     if graph.head is not None:
-        conv = graph.head.conv
+        conv, cout = graph.head.conv, graph.head.out_channels
         head = (*conv.kernel_size, *conv.stride, *conv.padding)
         kh, kw = conv.kernel_size
+        res, res_c = kconv.RES_X, 0
+        if graph.head.shortcut is not None:
+            # The projection shortcut reads the block input like the branches' first convs: one
+            # more problem of the first stage, into a slice of `mid` that the head's epilogue adds.
+            res, res_c = kconv.RES_MID, mid_channels
+            mid_channels += cout
+            row = dict(src=kconv.BUF_X, src_c=0, cin=graph.in_channels, gemm=1, ncols=cout, split=cout,
+                       dst0=kconv.BUF_MID, dst0_c=res_c, dst1=kconv.BUF_MID, dst1_c=res_c, relu=0, bn=0)
+            stages[0].append(Problem(("shortcut",), (graph.head.shortcut,), (None,), (cout,),
+                                     dict(ROW_DEFAULTS, **row), graph.in_channels))
         row = dict(src=kconv.BUF_MID, src_c=0, cin=cat_channels, kh=kh, kw=kw, sh=conv.stride[0], sw=conv.stride[1],
-                   ph=conv.padding[0], pw=conv.padding[1], gemm=1, ncols=graph.in_channels, split=graph.in_channels,
-                   dst0=kconv.BUF_OUT, dst0_c=0, dst1=kconv.BUF_OUT, dst1_c=0, res=1, relu=int(graph.head.relu))
+                   ph=conv.padding[0], pw=conv.padding[1], gemm=1, ncols=cout, split=cout, dst0=kconv.BUF_OUT,
+                   dst0_c=0, dst1=kconv.BUF_OUT, dst1_c=0, res=res, res_c=res_c, relu=int(graph.head.relu),
+                   bn=int(graph.head.bn is not None))
         # A buffer scale is read here, when the layout is built, not per forward.
-        stages.append([Problem(("head",), (conv,), (None,), (graph.in_channels,), dict(ROW_DEFAULTS, **row),
-                               kh * kw * cat_channels,
-                               float(graph.head.scale))])
-    return Layout(stages=stages, out_channels=cat_channels if head is None else graph.in_channels,
+        stages.append([Problem(("head",), (conv,), (graph.head.bn,), (cout,), dict(ROW_DEFAULTS, **row),
+                               kh * kw * cat_channels, float(graph.head.scale))])
+    return Layout(stages=stages, out_channels=cat_channels if head is None else graph.head.out_channels,
                   mid_channels=mid_channels, geometry=geometry_of(graph), outputs=list(graph.outputs),
                   mid_nodes=sorted(mid_c) + (list(graph.outputs) if head else []), head=head)
 
@@ -612,11 +673,17 @@ def build_plan(graph, device, dtype):
                                for conv, cout in zip(prob.convs, prob.couts)], 0)
                 w_ld = -(-prob.k // kconv.W_ALIGN) * kconv.W_ALIGN
                 weights.append(F.pad(w, (0, w_ld - prob.k)).to(device=device, dtype=dtype).reshape(-1))
-            convs = prob.convs or (None,) * len(prob.members)
-            for conv, bn, cout in zip(convs, prob.bns, prob.couts):
-                s, b = folded_scale_shift(ConvNode(conv, bn), cout, device)
-                scales.append(s * prob.scale)
-                shifts.append(b * prob.scale)
+            if prob.members in (("head",), ("shortcut",)):
+                up, shortcut = head_scale_shift(graph.head, device)
+                s, b = up if prob.members == ("head",) else shortcut
+                scales.append(s)
+                shifts.append(b)
+            else:
+                convs = prob.convs or (None,) * len(prob.members)
+                for conv, bn, cout in zip(convs, prob.bns, prob.couts):
+                    s, b = folded_scale_shift(ConvNode(conv, bn), cout, device)
+                    scales.append(s)
+                    shifts.append(b)
             rows.append(table_row(prob.row, w_off, w_ld, ss_off))
             specs.append(problem_spec(dict(prob.row, bn=0), channels, kconv.W_ALIGN))
             w_off += prob.ncols * w_ld

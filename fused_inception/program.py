@@ -76,7 +76,7 @@ class BlockProgram:
             structure = training.build_train_plan(graph, torch.device("meta"), torch.float32, torch.float32)
         self.train_structure = structure
         self.train_refs = tuple(ref for ref in structure.refs(graph) if ref is not None and getattr(*ref) is not None)
-        self.train_bns = tuple((graph.nodes[i].bn, lo, hi) for i, lo, hi in structure.bn_columns)
+        self.train_bns = tuple((training.member_modules(graph, m)[1], lo, hi) for m, lo, hi in structure.bn_columns)
         # Frozen BatchNorms and norm + act layers with a dropout: see norms.needs_eager.
         self.special_bns = tuple(bn for bn, _, _ in self.train_bns if type(bn) not in (nn.BatchNorm2d,
                                                                                       nn.SyncBatchNorm))

@@ -73,14 +73,21 @@ def traffic(block, x_shape, elem_size):
     cat_elems = n * sum(couts[i] for i in graph.outputs) * cat_h * cat_w
     if len(graph.outputs) > 1:
         eager += 2 * cat_elems  # cat: read the branches, write the block
-    if graph.head is not None:  # conv reads the cat; mul; add reads x too; ReLU
-        n_out = n * graph.in_channels * oh * ow
-        eager += cat_elems + graph.head.conv.weight.numel() + n_out + 2 * n_out + 3 * n_out + 2 * n_out * graph.head.relu
+    if graph.head is not None:  # conv reads the cat; mul; add reads x (or the shortcut's) too; BN?; ReLU?
+        head = graph.head
+        n_out = n * head.out_channels * oh * ow
+        eager += cat_elems + head.conv.weight.numel() + n_out + 2 * n_out + 3 * n_out
+        eager += 2 * n_out * ((head.bn is not None) + head.relu)
+        if head.shortcut is not None:  # the projection reads x, writes its result
+            eager += n * graph.in_channels * h * w + head.shortcut.weight.numel() + n_out
     fused = 0
     for stage in plan.stages:
         for ncols, k, members in zip(stage.ncols, stage.depth, stage.nodes):
-            if members == ("head",):  # reads the concatenation and x, writes the output
+            if members == ("head",):  # reads the concatenation and x (or the shortcut's), writes the output
                 fused += cat_elems + 2 * n * ncols * oh * ow + k * ncols
+                continue
+            if members == ("shortcut",):  # reads x, writes its slice of mid
+                fused += n * graph.in_channels * h * w + k * ncols + n * ncols * oh * ow
                 continue
             node = graph.nodes[members[0]]
             src = node.src

@@ -55,7 +55,7 @@ class Slot:
 
     kind: str  # "weight", "bias", "gamma" or "beta"
     problem: int  # index of the problem among all the block's problems
-    member: object  # node index, or "head"
+    member: object  # node index, "head" or "shortcut" (see member_modules)
     lo: int  # weight: first row of the problem's weight gradient; bias: first column within the
     hi: int  # problem; gamma/beta: global columns [lo, hi)
 
@@ -83,11 +83,7 @@ class TrainPlan:
         block has none (no conv for a pool, no BatchNorm)."""
         out = []
         for slot in self.slots:
-            if slot.member == "head":
-                conv, bn = graph.head.conv, None
-            else:
-                node = graph.nodes[slot.member]
-                conv, bn = node.conv, node.bn
+            conv, bn = member_modules(graph, slot.member)
             module = bn if slot.kind in ("gamma", "beta") else conv
             name = {"weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias"}[slot.kind]
             out.append(None if module is None else (module, name))
@@ -158,6 +154,17 @@ class TrainPlan:
                 g = bn_sums[1 if slot.kind == "gamma" else 0, slot.lo:slot.hi]
             grads.append(g.reshape(p.shape).to(p.dtype))
         return grads
+
+
+def member_modules(graph, member):
+    """(conv, BatchNorm) of a problem member: a node index, "head" (the residual head's
+    up-projection and the BatchNorm after its add) or "shortcut" (its projection shortcut)."""
+    if member == "head":
+        return graph.head.conv, graph.head.bn
+    if member == "shortcut":
+        return graph.head.shortcut, None
+    node = graph.nodes[member]
+    return node.conv, node.bn
 
 
 def _kernel_layout(weight):
@@ -411,7 +418,7 @@ def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, nee
         for j in reversed(range(len(stage.problems))):
             p, index = stage.problems[j], stage.first_problem + j
             row = p.row
-            pool = None if p.members == ("head",) else layout.geometry[p.members[0]][1]
+            pool = None if p.members in (("head",), ("shortcut",)) else layout.geometry[p.members[0]][1]
             if not p.gemm:  # a pool alone: its gradient goes straight to the input
                 if need_x:
                     grad = _columns(grads_of, row, 0, p.ncols)
@@ -422,9 +429,13 @@ def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, nee
                     dx = _accumulate(dx, _pool_backward(pool, x, indices, grad))
                 continue
             gz = _columns(dz, row, 0, p.ncols)
-            if row["res"]:  # relu?(x + scale * (conv + bias)): x gets the gradient itself
+            if row["res"] == kconv.RES_X:  # relu?(bn?(x + scale * (conv + bias))): x gets the gradient itself
                 if need_x:
                     dx = _accumulate(dx, gz.clone())
+                gz = gz * p.scale
+            elif row["res"] == kconv.RES_MID:  # a projection shortcut's result in `mid`: its problem (an
+                # earlier stage) takes the gradient from d_mid
+                d_mid[:, row["res_c"]:row["res_c"] + p.ncols].add_(gz)
                 gz = gz * p.scale
             src = row["src"]
             if src == kconv.BUF_X:

@@ -88,13 +88,18 @@ KIND_POOLED_GEMM = 1  # a 1x1 convolution of the pooled input
 KIND_POOL = 2  # the pooled input channels are the result (ncols == cin)
 KIND_GEMM_FLAT = 3  # a convolution of few input channels (a stem's 3): K flattened over (tap, channel)
 
+# Residual added in the epilogue (Inception-ResNet's head).
+RES_NONE = 0
+RES_X = 1  # the block input at the same pixel and channel
+RES_MID = 2  # a slice of `mid` at the same pixel, from channel res_c: a projection shortcut's result
+
 # The compile-time fields of a problem, in the order of a ProblemSpec tuple. Kernels index specs
 # with the I_* constants below (Triton 3.6 has no attribute access on constexpr tuples).
 SPEC_FIELDS = (
     "kind", "src", "dst0", "dst1", "split",  # split: 1 if columns >= table's split go to dst1
     "kh", "kw", "sh", "sw", "ph", "pw",  # convolution
     "pool", "pkh", "pkw", "psh", "psw", "pph", "ppw",  # pre-pool or pool alone
-    "res", "relu", "bn",  # residual from x; ReLU; training BatchNorm follows (kernels.batchnorm)
+    "res", "relu", "bn",  # residual (RES_*); ReLU; training BatchNorm follows (kernels.batchnorm)
     "align",  # power of two (<= 8) dividing every channel count, offset and row pitch it touches
     "walign",  # power of two (<= 8) dividing the problem's weight offset and row pitch
     "dalign",  # power of two (<= 8) dividing its columns, split and destination channels and pitches
@@ -105,8 +110,9 @@ I_POOL, I_PKH, I_PKW, I_PSH, I_PSW, I_PPH, I_PPW = (tl.constexpr(i) for i in ran
 I_RES, I_RELU, I_BN, I_ALIGN, I_WALIGN, I_DALIGN = (tl.constexpr(i) for i in range(18, 24))
 
 # The runtime fields of a problem: one int32 row of the stage's table.
-TABLE_FIELDS = ("cin", "ncols", "src_c", "split", "dst0_c", "dst1_c", "w_off", "w_ld", "ss_off")
-T_CIN, T_NCOLS, T_SRC_C, T_SPLIT, T_DST0_C, T_DST1_C, T_W_OFF, T_W_LD, T_SS_OFF = (tl.constexpr(i) for i in range(9))
+TABLE_FIELDS = ("cin", "ncols", "src_c", "split", "dst0_c", "dst1_c", "w_off", "w_ld", "ss_off", "res_c")
+T_CIN, T_NCOLS, T_SRC_C, T_SPLIT, T_DST0_C, T_DST1_C, T_W_OFF, T_W_LD, T_SS_OFF, T_RES_C = (
+    tl.constexpr(i) for i in range(10))
 ROW = tl.constexpr(len(TABLE_FIELDS))
 
 # Inference plans round weight offsets and row pitches up to a multiple of this (16 bytes of bf16).
@@ -349,10 +355,15 @@ def _problem(local, P: tl.constexpr, table_ptr, w_ptr, scale_ptr, shift_ptr, x_p
             acc = (acc + shift[None, :]) * scale[None, :]
         else:
             acc = acc * scale[None, :] + shift[None, :]
-        if RES:  # residual from the block input, same pixel and channel (x and the output share H, W)
-            xp, _xh, _xw, xs_n, xs_h, xs_w, xs_c = _view(0, x_ptr, out_ptr, mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
+        if RES != 0:  # residual: the block input at the same pixel and channel, or a slice of `mid`
+            # (a projection shortcut's result); both have the output's H and W
+            RES_BUF: tl.constexpr = 0 if RES == 1 else 2
+            res_c = 0
+            if RES == 2:
+                res_c = tl.multiple_of(tl.load(row + T_RES_C), ALIGN)
+            xp, _xh, _xw, xs_n, xs_h, xs_w, xs_c = _view(RES_BUF, x_ptr, out_ptr, mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
                                                          m_h, m_w, m_sn, m_sh, m_sw, m_sc, X_CL, OUT_CL, MID_CL, INT64)
-            acc += tl.load(xp + (img * xs_n + oy * xs_h + ox * xs_w)[:, None] + (offs_n * xs_c)[None, :],
+            acc += tl.load(xp + (img * xs_n + oy * xs_h + ox * xs_w)[:, None] + ((res_c + offs_n) * xs_c)[None, :],
                            mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
         pre = acc.to(dtype)  # the pre-activation as stored (and as eager rounds it)
         if TRAIN:
@@ -641,7 +652,7 @@ def conv_stage(spec, table, ncols, depth, weight, scale, shift, x, out, mid, raw
 
     Example (one 1x1 convolution of x's 16 channels into out's first 32):
         >>> spec = (problem_spec(),)
-        >>> table = torch.tensor([[16, 32, 0, 32, 0, 0, 0, 16, 0]], dtype=torch.int32, device="cuda")
+        >>> table = torch.tensor([[16, 32, 0, 32, 0, 0, 0, 16, 0, 0]], dtype=torch.int32, device="cuda")
         >>> conv_stage(spec, table, (32,), (16,), w, scale, shift, x, out, out)  # w: [32, 16] flattened
     """
     if x.shape[0] == 0:

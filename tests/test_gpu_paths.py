@@ -23,7 +23,7 @@ def _launch(dtype=torch.float32):
     x = torch.randn(2, 16, 4, 4, dtype=dtype).to(memory_format=torch.channels_last)
     out = torch.empty(2, 8, 4, 4, dtype=dtype).to(memory_format=torch.channels_last)
     spec = (kconv.problem_spec(align=8),)
-    table = torch.tensor([[16, 8, 0, 8, 0, 0, 0, 16, 0]], dtype=torch.int32)
+    table = torch.tensor([[16, 8, 0, 8, 0, 0, 0, 16, 0, 0]], dtype=torch.int32)
     w, s = torch.randn(8 * 16, dtype=dtype), torch.ones(8)
     return kconv.StageLaunch(spec, table, (8,), (16,), w, s, s * 0, x, out, out), x, out
 

@@ -134,8 +134,8 @@ def test_direct_launch_reads_and_writes_slices(device):
     shift = torch.randn(cout, device=device)
     out = torch.full((2, 30, 5, 5), float("nan"), device=device)
     spec = (kconv.problem_spec(src=kconv.BUF_X, dst0=kconv.BUF_OUT, kh=3, kw=3, ph=1, pw=1),)
-    # cin, ncols, src_c, split, dst0_c, dst1_c, w_off, w_ld, ss_off (kconv.TABLE_FIELDS)
-    table = torch.tensor([[cin, cout, 5, cout, 7, 7, 0, 9 * cin, 0]], dtype=torch.int32, device=device)
+    # cin, ncols, src_c, split, dst0_c, dst1_c, w_off, w_ld, ss_off, res_c (kconv.TABLE_FIELDS)
+    table = torch.tensor([[cin, cout, 5, cout, 7, 7, 0, 9 * cin, 0, 0]], dtype=torch.int32, device=device)
     weight = w.permute(0, 2, 3, 1).reshape(-1).contiguous()  # [cout, K], K = (tap, channel)
     kconv.conv_stage(spec, table, (cout,), (9 * cin,), weight, scale, shift, x, out, out)
     expected = F.conv2d(x[:, 5:5 + cin].double(), w.double(), padding=1) * scale.double().view(1, -1, 1, 1) \
