@@ -342,21 +342,27 @@ class FusedBlock(nn.Module):
         return ops.block_forward(x, program.id)
 
 
-def build_plans(model, dtype=None):
+def build_plans(model, dtype=None, example=None):
     """Build the plan of every fused block in `model` now (as its first fused forward would;
     for a block in train() also its training plan): before timing, counting launches, or
-    capturing a CUDA graph. Returns the number of blocks. On a GPU, run one forward too: it
-    autotunes the kernels for the input's shape (which a capture can't).
+    capturing a CUDA graph. Returns the number of blocks.
+
+    example: an input on a GPU: one forward of it (eval, without autograd) also prepares each
+    stage's launch for its shape and autotunes the kernels, which a CUDA-graph capture can't do
+    and which would otherwise happen inside the first timed or counted call. (Elsewhere nothing
+    is tuned: skipped. A model in train() tunes on its first training step.)
 
     Example:
-        >>> fused_inception.build_plans(model)
-        >>> model(x)   # then torch.cuda.graph(...) capture
+        >>> fused_inception.build_plans(model, example=x)   # then torch.cuda.graph(...) capture
     """
     blocks = [m for m in model.modules() if isinstance(m, FusedBlock)]
     for block in blocks:
         block.plan(dtype)
         if block.training:  # and the training plan, for the dtype the kernels would compute in
             block.train_plan(dtype or block._like.dtype, block._like.device)
+    if example is not None and example.is_cuda and not model.training:
+        with torch.no_grad():
+            model(example)
     return len(blocks)
 
 

@@ -135,8 +135,8 @@ class BlockGraph:
     in_channels: int
     head: Optional[ResidualHead] = None
 
-    def eager(self, x):
-        """The graph's math with torch ops (eval and train): what the unfused block computes."""
+    def node_results(self, x):
+        """Every node's result for the block input x, with torch ops (eval and train)."""
         results = []
         for node in self.nodes:
             y = x if node.src is None else results[node.src]
@@ -149,6 +149,11 @@ class BlockGraph:
             if node.relu:
                 y = F.relu(y)
             results.append(y)
+        return results
+
+    def eager(self, x):
+        """The graph's math with torch ops (eval and train): what the unfused block computes."""
+        results = self.node_results(x)
         y = results[self.outputs[0]] if len(self.outputs) == 1 else torch.cat([results[i] for i in self.outputs], 1)
         if self.head is not None:
             head = self.head

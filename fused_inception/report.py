@@ -232,7 +232,7 @@ def run_report(model="googlenet", batch=2, size=64, dtype=torch.float32, device=
     x = x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
     timed = device.type == "cuda"
     blocks = fused_blocks(fused)
-    build_plans(fused)  # built outside the counts, as by a first forward
+    build_plans(fused, example=x)  # built (and on a GPU autotuned) outside the counts
 
     seen = {}  # name -> [input, output, Triton launches, torch kernels] in the whole fused forward
 

@@ -97,22 +97,10 @@ def _tile(local, P: tl.constexpr, DST: tl.constexpr, SECOND: tl.constexpr, WHOLE
     them (channels_last pitches in units of 8)."""
     row = table_ptr + P * ROW
     first, cols, c0 = _part_columns(row, SECOND, WHOLE, ALIGN)
-    if DST == 1:
-        h, w, s_n, s_h, s_w, s_c = o_h, o_w, o_sn, o_sh, o_sw, o_sc
-        CL: tl.constexpr = OUT_CL
-    else:
-        h, w, s_n, s_h, s_w, s_c = m_h, m_w, m_sn, m_sh, m_sw, m_sc
-        CL: tl.constexpr = MID_CL
-    if INT64:
-        s_n = s_n.to(tl.int64)
-        s_h = s_h.to(tl.int64)
-        s_w = s_w.to(tl.int64)
-        s_c = s_c.to(tl.int64)
-    if CL:
-        s_n = s_n * 8
-        s_h = s_h * 8
-        s_w = s_w * 8
-        s_c = 1
+    # (the buffer's strides as the stage kernel reads them; there is no x here: out stands in)
+    _p, h, w, s_n, s_h, s_w, s_c = kconv._view(DST, table_ptr, table_ptr, table_ptr, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
+                                               o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc,
+                                               OUT_CL, OUT_CL, MID_CL, INT64)
     m_total = batch * h * w
     tiles_m = tl.cdiv(m_total, BLOCK_M)
     pid_m = local % tiles_m

@@ -230,22 +230,9 @@ def assert_matches_reference(actual, graph, x, tol, what=""):
 
 def node_results(graph, x):
     """Every node's result, in float64 on copies of the graph's modules: what its slice of the
-    block output or of `mid` must hold (the computation of BlockGraph.eager, node by node)."""
-    import torch.nn.functional as F
-
-    g, results = _float64_copy(graph), []
-    x = x.double()
+    block output or of `mid` must hold."""
     with torch.no_grad():
-        for node in g.nodes:
-            y = x if node.src is None else results[node.src]
-            if node.pool is not None:
-                y = node.pool.apply(y)
-            if node.conv is not None:
-                y = node.conv(y)
-            if node.bn is not None:
-                y = node.bn(y)
-            results.append(F.relu(y) if node.relu else y)
-    return results
+        return _float64_copy(graph).node_results(x.double())
 
 
 def randomize_(model, seed=0):

@@ -40,7 +40,7 @@ def test_logits_match_torchvision_and_launch_count(models, device, interpreter_l
     with torch.no_grad():
         expected = ref.double()(x.double().cpu())
         ref.float()
-        build_plans(fused)  # plans built before counting, as by a first forward
+        build_plans(fused, example=x)  # plans (and on a GPU the autotuning) before counting
         with count_launches() as n, count_torch_kernels() as kernels:
             logits = fused(x)
     assert n.value == TRITON_LAUNCHES == len(interpreter_launches)
@@ -83,7 +83,7 @@ def test_transform_input_and_train_outputs(models):
     with torch.no_grad():
         ref_t.eval()
         fused_t.eval()
-        build_plans(fused_t)  # plans built before counting, as by a first forward
+        build_plans(fused_t, example=x)  # plans (and on a GPU the autotuning) before counting
         with count_torch_kernels() as kernels:
             y = fused_t(x)
         assert kernels.value == TORCH_KERNELS + 2

@@ -211,7 +211,7 @@ def test_inception_resnet_v2_small_width():
     assert list(model.state_dict()) == list(reference.state_dict())
     x = torch.randn(1, 3, 75, 75)
     with torch.no_grad():
-        build_plans(model)  # plans built before counting, as by a first forward
+        build_plans(model, example=x)  # plans (and on a GPU the autotuning) before counting
         with count_launches() as n:
             y = model(x)
         expected = reference.double()(x.double())

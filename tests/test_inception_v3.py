@@ -60,7 +60,7 @@ def test_whole_network_at_75x75(v3_models, device):
     ref.eval()
     fused = fused.eval().to(device)
     x = torch.randn(1, 3, 75, 75)
-    build_plans(fused)  # plans built before counting, as by a first forward
+    build_plans(fused, example=x.to(device))  # plans (and on a GPU the autotuning) before counting
     with torch.no_grad():
         expected = ref.double()(x.double())
         ref.float()
