@@ -152,21 +152,61 @@ def keep_relu_inputs_off_zero_(reference, fused, run, margin):
     zero, layer by layer in forward order. A ReLU after them then takes the same decision in the
     fused fp32 kernels as in float64 whatever the rounding, as long as the two are less than the
     margin apart (callers assert the margins with Decisions); the shift is a choice of parameters,
-    the same in both models."""
+    the same in both models.
+
+    timm's BatchNormAct2d (BN, drop, act in one module) is shifted at what its act reads. An
+    nn.ReLU module whose input no bias feeds directly (a residual block's relu(x + s * conv(..)))
+    still gets its input kept off zero: through the bias of the latest module before it that moves
+    that input, by the shift over the input's per-channel slope in that bias (autograd)."""
     probe = copy.deepcopy(reference)
-    shifted, handles = {}, []
+    shifted, handles, ran, claimed = {}, [], [], set()
+
+    def shifted_(name, out):
+        s = least_shifts(out, margin * out.abs().max().item())
+        shifted[name] = s
+        return out + s.view(1, -1, *[1] * (out.dim() - 2))
 
     def hook(name):
         def shift(module, args, out):
-            s = least_shifts(out, margin * out.abs().max().item())
-            shifted[name] = s
-            return out + s.view(1, -1, *[1] * (out.dim() - 2))
+            ran.append((name, module))
+            return shifted_(name, out)
         return shift
+
+    def pre_hook(name, module):
+        def shift(act, args):
+            ran.append((name, module))
+            return (shifted_(name, args[0]), *args[1:])
+        return shift
+
+    def relu_pre_hook(act, args):
+        z = args[0]
+        s = least_shifts(z, margin * z.abs().max().item())
+        if not s.any():
+            return None
+        for name, module in reversed(ran):
+            if module.bias.shape != s.shape:
+                continue
+            (slope,) = torch.autograd.grad(z.sum(), module.bias, retain_graph=True, allow_unused=True)
+            slope = None if slope is None else slope / (z.numel() // z.shape[1])
+            if slope is not None and bool((slope.abs() > 1e-6)[s != 0].all()):
+                shifted[name] = shifted[name] + torch.where(s != 0, s / slope, 0)
+                return (z + s.view(1, -1, *[1] * (z.dim() - 2)), *args[1:])
+        return None
 
     for name, m in probe.named_modules():
         if isinstance(m, (nn.BatchNorm2d, nn.Conv2d)) and getattr(m, "bias", None) is not None:
-            handles.append(m.register_forward_hook(hook(name)))
-    with torch.no_grad():
+            act = getattr(m, "act", None)
+            if isinstance(m, nn.BatchNorm2d) and isinstance(act, nn.Module):
+                # timm's BatchNormAct2d: its output is after the act, so shift what the act reads
+                # (the BN output through the identity drop)
+                handles.append(act.register_forward_pre_hook(pre_hook(name, m)))
+                claimed.add(id(act))
+            else:
+                handles.append(m.register_forward_hook(hook(name)))
+    for m in probe.modules():
+        if isinstance(m, nn.ReLU) and id(m) not in claimed:
+            handles.append(m.register_forward_pre_hook(relu_pre_hook))
+    with torch.enable_grad():
         run(probe)
     for h in handles:
         h.remove()
@@ -174,7 +214,7 @@ def keep_relu_inputs_off_zero_(reference, fused, run, margin):
     with torch.no_grad():
         for name, s in shifted.items():
             if s.any():
-                sources[name].bias += s.to(sources[name].bias.dtype)
+                sources[name].bias += s.detach().to(sources[name].bias.dtype)
                 targets[name].bias.copy_(sources[name].bias)  # the same (rounded) value in both
 
 
