@@ -337,8 +337,12 @@ class FusedBlock(nn.Module):
             return out
         if not self.uses_kernels(x) or torch.is_autocast_enabled(x.device.type):
             return self.eager_forward(x)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return self.eager_forward(x)
+        params = self._tracked_params()
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            scale = program.residual_scale()
+            if isinstance(scale, torch.Tensor) and scale.requires_grad and not any(scale is p for p in params):
+                return self.eager_forward(x)  # (a scale from outside the block: its gradient needs the graph)
+            return ops.block_eval_forward(x, params, program.id)
         return ops.block_forward(x, program.id)
 
 

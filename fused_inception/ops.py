@@ -4,14 +4,18 @@
 
 - inference (no autograd recording): each FusedBlock is `fused_inception::block_forward(x,
   program)`, whose fake (meta) implementation gives the output's shape and memory format;
+- eval mode while autograd records (`torch.export.export(model.eval(), (x,))` with grad enabled,
+  compiling a model whose parameters require grad): `fused_inception::block_eval_forward(x,
+  params, program)`, the same forward, with an autograd formula (`block_eval_backward`: the
+  block's eager graph recomputed), so the exported or compiled graph keeps one fused op per block;
 - training: `fused_inception::block_train_forward` and `fused_inception::block_train_backward`,
   joined by `register_autograd`. Both are functional: the running statistics are updated by
   traced torch ops (`_foreach_lerp_`) from the forward's `saved` output.
 
 The ops take the block's program (fused_inception.program.BlockProgram) by id, never the
 module. At run time an op looks the program up and runs its current plan, so weight updates
-after compilation are seen. Eval mode with autograd recording under compile traces the block's eager
-graph (correct gradients, not fused). Under CUDA graphs (`mode="reduce-overhead"`) launches are
+after compilation are seen: an exported program runs in the process that holds its model (it is
+not a self-contained artifact to save and load elsewhere). Under CUDA graphs (`mode="reduce-overhead"`) launches are
 replayed as captured: capture again after changing weights, as with any captured graph.
 
 In eager mode (no compile) the blocks call the same forward and backward through a
@@ -37,6 +41,80 @@ def block_forward(x: torch.Tensor, program: int) -> torch.Tensor:
 def _(x, program):
     shape = output_shape(lookup(program).graph, x.shape[0], x.shape[2], x.shape[3])
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+# Eval mode with autograd recording (torch.export's default, torch.compile of a model whose
+# parameters require grad): the fused forward, and a backward that recomputes the block's eager
+# graph (eval BatchNorm is affine, nothing is updated), as _EvalFunction does in eager mode. The
+# parameters are inputs only so that autograd (and export) see what the output depends on; both
+# ops compute with the block's own current parameters, like block_forward.
+
+
+@torch.library.custom_op("fused_inception::block_eval_forward", mutates_args=())
+def block_eval_forward(x: torch.Tensor, params: List[torch.Tensor], program: int) -> torch.Tensor:
+    """Eval-mode fused forward of the block program `program` when autograd records: `params`
+    are the block's parameters (FusedBlock._tracked_params order), for the backward."""
+    return lookup(program).run(x)
+
+
+@block_eval_forward.register_fake
+def _(x, params, program):
+    shape = output_shape(lookup(program).graph, x.shape[0], x.shape[2], x.shape[3])
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+def _autograd_inside_an_op():
+    """Autograd back on inside a custom op's implementation (the dispatcher runs it below the
+    autograd keys, so no graph would be recorded): for the eager recompute of block_eval_backward."""
+    C, K = torch._C, torch._C.DispatchKey
+    exclude = C._dispatch_tls_local_exclude_set()
+    for key in (K.AutogradOther, K.AutogradNestedTensor, K.AutogradCPU, K.AutogradCUDA, K.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    return C._ForceDispatchKeyGuard(C._dispatch_tls_local_include_set(), exclude)
+
+
+@torch.library.custom_op("fused_inception::block_eval_backward", mutates_args=())
+def block_eval_backward(grad: torch.Tensor, x: torch.Tensor, params: List[torch.Tensor], program: int,
+                        need_x: bool) -> List[torch.Tensor]:
+    """Backward of block_eval_forward: [dx (empty unless need_x), then one gradient per parameter],
+    from the block's eager graph recomputed under autograd."""
+    block = lookup(program).owner()
+    own = block._tracked_params()
+    if len(own) != len(params):
+        raise RuntimeError(f"fused_inception: {type(block).__name__} has {len(own)} parameters, the graph "
+                           f"passed {len(params)} (the block changed after tracing)")
+    with _autograd_inside_an_op(), torch.enable_grad():
+        xd = x.detach().requires_grad_(need_x)
+        y = block.eager_forward(xd)
+        wanted = ([xd] if need_x else []) + [p for p in own if p.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
+    dx = next(grads) if need_x else x.new_empty(0)
+    flat = [torch.zeros_like(x) if dx is None else dx]
+    for p in own:
+        g = next(grads) if p.requires_grad else None
+        flat.append(torch.zeros_like(p) if g is None else g)
+    return flat
+
+
+@block_eval_backward.register_fake
+def _(grad, x, params, program, need_x):
+    return [torch.empty_like(x) if need_x else x.new_empty(0)] + [torch.empty_like(p) for p in params]
+
+
+def _eval_setup_context(ctx, inputs, output):
+    x, params, program = inputs
+    ctx.program = program
+    ctx.save_for_backward(x, *params)
+
+
+def _eval_backward(ctx, grad):
+    x, *params = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    flat = block_eval_backward(grad, x, params, ctx.program, need_x)
+    return (flat[0] if need_x else None), flat[1:], None
+
+
+block_eval_forward.register_autograd(_eval_backward, setup_context=_eval_setup_context)
 
 
 # Training: the fused forward and backward as two custom ops, joined by register_autograd. They are

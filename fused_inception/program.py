@@ -83,6 +83,7 @@ class BlockProgram:
         self._tensors = _graph_tensors(graph)
         self._plans = {}  # compute dtype -> (stamp, Plan)
         self._train_plans = {}
+        self._owner = weakref.ref(module)  # the block, for the eval backward's eager recompute (ops.py)
         self.id = next(_ids)
         _BY_ID[self.id] = self
 
@@ -112,6 +113,13 @@ class BlockProgram:
         if cached is None or cached[0] != self.stamp():
             return self.plan(x.dtype, x.device).run(x, memory_format)
         return cached[1].run(x, memory_format)
+
+    def owner(self):
+        """The fused block this program belongs to (its eager_forward and parameters)."""
+        block = self._owner()
+        if block is None:
+            raise RuntimeError(f"fused_inception: the block of program {self.id} no longer exists")
+        return block
 
     def invalidate(self):
         """Drop the inference plans (rebuilt on the next forward); `training` too: the

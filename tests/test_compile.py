@@ -51,13 +51,23 @@ def test_weights_changed_after_compile_are_seen_and_copies_are_separate():
         assert_close_rel(compiled_twin(x), twin.eager_forward(x), TOL[torch.float32], "the copy, own weights")
 
 
-def test_gradients_under_compile_use_the_eager_graph():
+def test_gradients_under_compile_fused_forward_eager_backward():
+    """Eval mode with autograd recording under compile: the fused forward (block_eval_forward,
+    two launches) and the eager graph's gradients of the input and every parameter."""
     block = randomize_(FusedInception(*ARGS), 4).eval()
+    twin = copy.deepcopy(block)
     x = torch.randn(2, 32, 5, 5, requires_grad=True)
-    torch.compile(block, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    compiled(x)  # (compiles)
+    with count_launches() as n:
+        y = compiled(x)
+    assert n.value == 2
+    y.square().sum().backward()
     x2 = x.detach().clone().requires_grad_()
-    block.eager_forward(x2).square().sum().backward()
+    twin.eager_forward(x2).square().sum().backward()
     assert_close_rel(x.grad, x2.grad, TOL[torch.float32])
+    for (name, p), q in zip(block.named_parameters(), twin.parameters()):
+        assert_close_rel(p.grad, q.grad, TOL[torch.float32], name)
 
 
 def train_steps(model, x, steps=2, run=None):
