@@ -8,7 +8,7 @@
 # In a copy of the working tree (tracked and untracked-not-ignored files), with that venv's
 # python as `python3`: the no-network editable install gpu_run.sh makes (and its no-pip
 # fallback), the fusion report through the interpreter, a few test files, the stage kernel
-# compiled for sm_90 by that Triton, the quick run's parts on CPU, the census and its JIT cache
+# compiled for sm_90 by that Triton and its marks checked, the quick run's parts on CPU, the census and its JIT cache
 # hit, the report with its plot, and gpu_run.sh's quick flow without a GPU. Prints PASS/FAIL per step.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -73,8 +73,9 @@ NP23=${NP23:-$VENV-numpy23}
 [ -d "$NP23/numpy" ] || python3 -m pip install -q --target "$NP23" "numpy==2.3.*"
 step report-cli 900 env PYTHONPATH="$NP23" python3 -m fused_inception
 step tests 1800 env PYTHONPATH="$NP23" python3 -m pytest -q -p no:cacheprovider -x tests/test_inception_block.py \
-  tests/test_packaging.py tests/test_stage_kernel.py tests/test_bench_report.py tests/test_bench_census.py
-step sm90-compile 1800 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_compile.py
+  tests/test_packaging.py tests/test_stage_kernel.py tests/test_bench_report.py tests/test_bench_census.py \
+  tests/test_compile.py tests/test_export.py tests/test_gpu_paths.py
+step sm90-codegen 2400 python3 -m pytest -q -p no:cacheprovider tests/test_codegen.py
 step quick-smoke-cpu 900 env PYTHONPATH="$NP23" python3 bench/quick.py smoke --device cpu --out "$WORK/quick" \
   --blocks googlenet-3a,v3-C,irv2-block35
 step quick-stages-cpu 900 env PYTHONPATH="$NP23" python3 bench/quick.py stages --device cpu --out "$WORK/quick" \

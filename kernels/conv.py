@@ -58,7 +58,7 @@ import triton.language as tl
 
 # Autotuning (CUDA only: the interpreter cannot benchmark). Every config keeps BLOCK_M >= 64 and
 # 4 warps or more (a Hopper warp group: wgmma), BLOCK_K >= 16 (fp16/bf16 dots need it). fp32
-# operands halve BLOCK_K (see _k_block) so that the pipelined tiles fit in shared memory.
+# operands halve BLOCK_K (BK in _problem) so that the pipelined tiles fit in shared memory.
 CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
@@ -163,15 +163,6 @@ def _view(SEL: tl.constexpr, x_ptr, out_ptr, mid_ptr, x_h, x_w, x_sn, x_sh, x_sw
         return ptr, h, w, s_n * 8, s_h * 8, s_w * 8, 1
     else:
         return ptr, h, w, s_n, s_h, s_w, s_c
-
-
-@triton.jit
-def _k_block(BLOCK_K: tl.constexpr, dtype: tl.constexpr):
-    """The K chunk: BLOCK_K for 16-bit operands, half of it for fp32 (same bytes per tile)."""
-    if dtype.primitive_bitwidth > 16:
-        return BLOCK_K // 2
-    else:
-        return BLOCK_K
 
 
 @triton.jit
@@ -286,7 +277,9 @@ def _problem(local, P: tl.constexpr, table_ptr, w_ptr, scale_ptr, shift_ptr, x_p
                    raw_out_ptr, raw_mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h,
                    m_w, m_sn, m_sh, m_sw, m_sc, KIND, 0, DALIGN, X_CL, OUT_CL, MID_CL, INT64, TRAIN)
     else:
-        BK: tl.constexpr = _k_block(BLOCK_K, dtype)
+        # The K chunk: BLOCK_K for 16-bit operands, half of it for fp32 (same bytes per tile).
+        # (Inline: Triton 3.6 returns a tensor, not a constexpr, from a jit helper.)
+        BK: tl.constexpr = BLOCK_K // 2 if dtype.primitive_bitwidth > 16 else BLOCK_K
         offs_k = tl.arange(0, BK)
         w_off = tl.multiple_of(tl.load(row + T_W_OFF), WALIGN)
         w_ld = tl.multiple_of(tl.load(row + T_W_LD), WALIGN)
