@@ -330,15 +330,17 @@ def _model(name, train):
     elif name == "inception_v3":
         m = models.inception_v3(aux_logits=train, init_weights=True)
     elif name == "inception_resnet_v2":
-        from fused_inception.fuse import fuse
+        from fused_inception.models.inception_resnet_v2 import inception_resnet_v2
 
-        m, _ = fuse(models.inception_resnet_v2())
+        m = inception_resnet_v2()  # (fused by fuse())
     else:
         raise SystemExit(f"unknown model {name!r}")
     return m.train(train)
 
 
 _SIZES = {"googlenet": 224, "inception_v3": 299, "inception_resnet_v2": 299}
+# The smallest inputs a training forward takes (Inception v3's aux head pools 5x5 of Mixed_6e's map).
+_TRAIN_SIZES = {"googlenet": 64, "inception_v3": 107, "inception_resnet_v2": 75}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -361,7 +363,7 @@ def main(argv=None):
     model = _model(args.model, args.train)
     size = args.size or _SIZES[args.model]
     if args.train:  # autocast keeps fp32 parameters; spatial size doesn't change the kernels: keep the CPU work small
-        size = min(size, 75 if args.model != "googlenet" else 64)
+        size = min(size, _TRAIN_SIZES[args.model])
     x = torch.empty(args.batch if not args.train else 2, 3, size, size)
     fmt = torch.contiguous_format if args.nchw else torch.channels_last
     x = x.to(memory_format=fmt)

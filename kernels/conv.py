@@ -477,17 +477,24 @@ def _bucket(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def configs_for(spec):
-    """The configs a stage of `spec` is tuned over: all of CONFIGS, but the smallest tile for a
-    stage with a few-channel convolution (KIND_GEMM_FLAT: its gathered A tile needs the registers
-    that larger tiles give to the accumulator)."""
-    if any(spec_field(p, "kind") == KIND_GEMM_FLAT for p in spec):
+def configs_for(spec, dtype=None):
+    """The configs a stage of `spec` with operands of `dtype` is tuned over: all of CONFIGS, but
+    - the smallest tile for a stage with a few-channel convolution (KIND_GEMM_FLAT: its gathered
+      A tile needs the registers that larger tiles give to the accumulator);
+    - in fp32, not 128x64 on 4 warps for a stage with a pool (pooled 1x1 or pool alone): its
+      fp32 pooled tiles beside the accumulator spill (8-184 bytes in Inception v3's, compiled
+      for sm_90: fused_inception.codegen)."""
+    kinds = {spec_field(p, "kind") for p in spec}
+    if KIND_GEMM_FLAT in kinds:
         return [c for c in CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    if dtype == torch.float32 and kinds & {KIND_POOLED_GEMM, KIND_POOL}:
+        return [c for c in CONFIGS if not (c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 64
+                                           and c.num_warps == 4)]
     return CONFIGS
 
 
 def _prune(configs, named_args, **kwargs):
-    allowed = configs_for(kwargs["SPEC"])
+    allowed = configs_for(kwargs["SPEC"], named_args["x_ptr"].dtype)
     return [c for c in configs if c in allowed]
 
 
@@ -665,7 +672,7 @@ class StageLaunch:
     arguments); x may later come at another 16-byte alignment (it is checked per call)."""
 
     __slots__ = ("spec", "head", "tail", "consts", "sizes", "ncols", "configs", "device", "compiled", "grid", "meta",
-                 "training", "scale", "fp32", "pin", "cuda_index", "run", "tail_meta")
+                 "training", "scale", "dtype", "fp32", "pin", "cuda_index", "run", "tail_meta")
 
     def __init__(self, spec, table, ncols, depth, weight, scale, shift, x, out, mid, training=False):
         batch = x.shape[0]
@@ -685,7 +692,8 @@ class StageLaunch:
             INPUT_PRECISION=fp32_precision() if dtype == torch.float32 else "ieee",
             ACC=accumulator(dtype), TRAIN=training)
         self.sizes = tuple(batch * (o_hw if spec_field(p, "dst0") == BUF_OUT else m_hw) for p in spec)
-        self.configs = [_pinned] if _pinned is not None else configs_for(spec)
+        self.dtype = dtype
+        self.configs = [_pinned] if _pinned is not None else configs_for(spec, dtype)
         self.device = x.device
         self.cuda_index = x.device.index if x.device.type == "cuda" else None
         self.fp32 = dtype == torch.float32
@@ -723,7 +731,7 @@ class StageLaunch:
         if self.fp32:  # TF32 or not, as eager convolutions now
             self.consts["INPUT_PRECISION"] = fp32_precision()
         self.pin = _pin_generation
-        self.configs = [_pinned] if _pinned is not None else configs_for(self.spec)
+        self.configs = [_pinned] if _pinned is not None else configs_for(self.spec, self.dtype)
         if _recorder is not None:
             _recorder.append((_stage_kernel, args, dict(self.consts), list(self.configs)))
         elif INTERPRETING:

@@ -152,5 +152,23 @@ def test_pinned_config_is_used_and_picked_again_after_unpinning():
         kconv.pin_config(None)
     with kconv.recording() as launches:
         launch(x, out, out)
-    assert launches[0][3] == kconv.configs_for(launch.spec)
+    assert launches[0][3] == kconv.configs_for(launch.spec, x.dtype)
     assert all(isinstance(c, triton.Config) for c in launches[0][3])
+
+
+def test_configs_pruned_where_the_compiled_code_spills():
+    """configs_for: a few-channel (flat) stem stage gets the 64x64 tile only; an fp32 stage with a
+    pool drops 128x64 on 4 warps (its pooled tiles spill there, fused_inception.codegen); every
+    other stage, and any 16-bit one, is tuned over all CONFIGS."""
+    def spec(*kinds):
+        return tuple(kconv.problem_spec(kind=k) for k in kinds)
+
+    big = [c for c in kconv.CONFIGS if c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 64 and c.num_warps == 4]
+    assert len(big) == 1
+    pooled = spec(kconv.KIND_GEMM, kconv.KIND_POOLED_GEMM)
+    assert kconv.configs_for(pooled, torch.bfloat16) == kconv.CONFIGS
+    assert kconv.configs_for(pooled, torch.float32) == [c for c in kconv.CONFIGS if c is not big[0]]
+    assert kconv.configs_for(spec(kconv.KIND_POOL), torch.float32) == [c for c in kconv.CONFIGS if c is not big[0]]
+    assert kconv.configs_for(spec(kconv.KIND_GEMM, kconv.KIND_GEMM), torch.float32) == kconv.CONFIGS
+    flat = kconv.configs_for(spec(kconv.KIND_GEMM_FLAT), torch.bfloat16)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in flat] == [(64, 64)]
