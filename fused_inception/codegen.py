@@ -328,7 +328,7 @@ def _model(name, train):
     if name == "googlenet":
         m = models.googlenet(aux_logits=train, init_weights=True)
     elif name == "inception_v3":
-        m = models.inception_v3(aux_logits=train, init_weights=True)
+        m = models.inception_v3(aux_logits=False, init_weights=True)  # (its aux head needs 299x299 in train)
     elif name == "inception_resnet_v2":
         from fused_inception.models.inception_resnet_v2 import inception_resnet_v2
 
@@ -339,7 +339,8 @@ def _model(name, train):
 
 
 _SIZES = {"googlenet": 224, "inception_v3": 299, "inception_resnet_v2": 299}
-# The smallest inputs a training forward takes (Inception v3's aux head pools 5x5 of Mixed_6e's map).
+# Training inputs: small (the kernels don't depend on the size), but no 1x1 map where a block
+# still pools or convolves (Inception v3 trains here without its aux head, which needs 299x299).
 _TRAIN_SIZES = {"googlenet": 64, "inception_v3": 107, "inception_resnet_v2": 75}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -367,9 +367,14 @@ def _problem(local, P: tl.constexpr, table_ptr, w_ptr, scale_ptr, shift_ptr, x_p
                 tl.atomic_add(stats_ptr + ss_col * 3, tl.sum(v, 0), mask=n_ok)
                 tl.atomic_add(stats_ptr + ss_col * 3 + 1, tl.sum(v * v, 0), mask=n_ok)
                 tl.atomic_add(stats_ptr + ss_col * 3 + 2, tl.zeros((BLOCK_N,), ACC) + tl.sum(m_ok.to(ACC), 0), mask=n_ok)
-        if RELU:
-            acc = tl.where(acc < 0.0, 0.0, acc)  # (NaN < 0 is false: NaN stays)
-        y = acc.to(dtype)
+        if TRAIN:
+            # From the stored pre-activation (rounding is monotonic: the same values), so that
+            # the fp32 accumulator is dead here: training keeps `pre` alive for its own store.
+            y = tl.where(pre < 0.0, 0.0, pre) if RELU else pre
+        else:
+            if RELU:
+                acc = tl.where(acc < 0.0, 0.0, acc)  # (NaN < 0 is false: NaN stays)
+            y = acc.to(dtype)
 
         if SPLIT:  # columns < split to dst0, the rest to dst1
             split = tl.multiple_of(tl.load(row + T_SPLIT), DALIGN)
@@ -477,24 +482,30 @@ def _bucket(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def configs_for(spec, dtype=None):
-    """The configs a stage of `spec` with operands of `dtype` is tuned over: all of CONFIGS, but
+def configs_for(spec, dtype=None, training=False):
+    """The configs a stage of `spec` with inputs of `dtype` (in `training`: the training variant,
+    whose weights stay fp32 under autocast) is tuned over: all of CONFIGS, but
     - the smallest tile for a stage with a few-channel convolution (KIND_GEMM_FLAT: its gathered
       A tile needs the registers that larger tiles give to the accumulator);
-    - in fp32, not 128x64 on 4 warps for a stage with a pool (pooled 1x1 or pool alone): its
-      fp32 pooled tiles beside the accumulator spill (8-184 bytes in Inception v3's, compiled
-      for sm_90: fused_inception.codegen)."""
+    - in fp32 or training, not 128x64 on 4 warps for a stage with a pool (pooled 1x1 or pool
+      alone): its pooled tiles beside the accumulator spill (4-184 bytes in Inception v3's,
+      compiled for sm_90: fused_inception.codegen);
+    - in fp32, not BLOCK_N 128 for a stage with a residual (Inception-ResNet's up-projection):
+      the fp32 residual tile beside the accumulator spills (8-16 bytes)."""
     kinds = {spec_field(p, "kind") for p in spec}
+    configs = CONFIGS
     if KIND_GEMM_FLAT in kinds:
-        return [c for c in CONFIGS if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    if dtype == torch.float32 and kinds & {KIND_POOLED_GEMM, KIND_POOL}:
-        return [c for c in CONFIGS if not (c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 64
-                                           and c.num_warps == 4)]
-    return CONFIGS
+        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    if (dtype == torch.float32 or training) and kinds & {KIND_POOLED_GEMM, KIND_POOL}:
+        configs = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 64
+                                              and c.num_warps == 4)]
+    if dtype == torch.float32 and any(spec_field(p, "res") for p in spec):
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] < 128]
+    return configs
 
 
 def _prune(configs, named_args, **kwargs):
-    allowed = configs_for(kwargs["SPEC"], named_args["x_ptr"].dtype)
+    allowed = configs_for(kwargs["SPEC"], named_args["x_ptr"].dtype, kwargs["TRAIN"])
     return [c for c in configs if c in allowed]
 
 
@@ -620,9 +631,12 @@ def kernel_geometry(t, channels_last):
 
 def _channels_last(t):
     """True if t's channels are contiguous and its row pitches multiples of 8: what the kernels'
-    alignment hints for a channels_last buffer assume (else they read it through its strides)."""
+    alignment hints for a channels_last buffer assume (else they read it through its strides).
+    The stride of a dimension of size 1 is never used: a [N, C, 1, 1] map is channels_last in
+    either memory format."""
+    n, c, h, w = t.shape
     s_n, s_c, s_h, s_w = t.stride()
-    return (s_c == 1 or t.shape[1] == 1) and s_n % 8 == 0 and s_h % 8 == 0 and s_w % 8 == 0
+    return (s_c == 1 or c == 1) and s_n % 8 == 0 and (s_h % 8 == 0 or h == 1) and (s_w % 8 == 0 or w == 1)
 
 
 def conv_stage(spec, table, ncols, depth, weight, scale, shift, x, out, mid, raw_out=None, raw_mid=None, stats=None,
@@ -693,7 +707,7 @@ class StageLaunch:
             ACC=accumulator(dtype), TRAIN=training)
         self.sizes = tuple(batch * (o_hw if spec_field(p, "dst0") == BUF_OUT else m_hw) for p in spec)
         self.dtype = dtype
-        self.configs = [_pinned] if _pinned is not None else configs_for(spec, dtype)
+        self.configs = [_pinned] if _pinned is not None else configs_for(spec, dtype, training)
         self.device = x.device
         self.cuda_index = x.device.index if x.device.type == "cuda" else None
         self.fp32 = dtype == torch.float32
@@ -731,7 +745,7 @@ class StageLaunch:
         if self.fp32:  # TF32 or not, as eager convolutions now
             self.consts["INPUT_PRECISION"] = fp32_precision()
         self.pin = _pin_generation
-        self.configs = [_pinned] if _pinned is not None else configs_for(self.spec, self.dtype)
+        self.configs = [_pinned] if _pinned is not None else configs_for(self.spec, self.dtype, self.training)
         if _recorder is not None:
             _recorder.append((_stage_kernel, args, dict(self.consts), list(self.configs)))
         elif INTERPRETING:

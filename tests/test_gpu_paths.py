@@ -158,8 +158,9 @@ def test_pinned_config_is_used_and_picked_again_after_unpinning():
 
 def test_configs_pruned_where_the_compiled_code_spills():
     """configs_for: a few-channel (flat) stem stage gets the 64x64 tile only; an fp32 stage with a
-    pool drops 128x64 on 4 warps (its pooled tiles spill there, fused_inception.codegen); every
-    other stage, and any 16-bit one, is tuned over all CONFIGS."""
+    pool drops 128x64 on 4 warps, one with a residual the 128-column tiles (their fp32 tiles
+    spill there, fused_inception.codegen); every other stage, and any 16-bit one, is tuned over
+    all CONFIGS."""
     def spec(*kinds):
         return tuple(kconv.problem_spec(kind=k) for k in kinds)
 
@@ -169,6 +170,10 @@ def test_configs_pruned_where_the_compiled_code_spills():
     assert kconv.configs_for(pooled, torch.bfloat16) == kconv.CONFIGS
     assert kconv.configs_for(pooled, torch.float32) == [c for c in kconv.CONFIGS if c is not big[0]]
     assert kconv.configs_for(spec(kconv.KIND_POOL), torch.float32) == [c for c in kconv.CONFIGS if c is not big[0]]
+    assert kconv.configs_for(pooled, torch.bfloat16, training=True) == [c for c in kconv.CONFIGS if c is not big[0]]
     assert kconv.configs_for(spec(kconv.KIND_GEMM, kconv.KIND_GEMM), torch.float32) == kconv.CONFIGS
+    residual = (kconv.problem_spec(res=kconv.RES_X),)
+    assert kconv.configs_for(residual, torch.bfloat16) == kconv.CONFIGS
+    assert kconv.configs_for(residual, torch.float32) == [c for c in kconv.CONFIGS if c.kwargs["BLOCK_N"] < 128]
     flat = kconv.configs_for(spec(kconv.KIND_GEMM_FLAT), torch.bfloat16)
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in flat] == [(64, 64)]
