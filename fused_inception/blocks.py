@@ -30,7 +30,7 @@ from fused_inception import norms, ops, training
 from fused_inception.kernels import conv as kconv
 from fused_inception.pattern import recipe_of
 from fused_inception.plan import output_memory_format
-from fused_inception.program import BlockProgram
+from fused_inception.program import BlockProgram, eager_gradients
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -113,12 +113,9 @@ class _EvalFunction(torch.autograd.Function):
             raise RuntimeError(f"{type(ctx.block).__name__} was switched to train() between an eval forward and its "
                                "backward; the recomputed graph would use batch statistics")
         device_type, autocast, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
-            xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
-            y = ctx.block.eager_forward(xd)
-        wanted = [t for t, need in zip([xd] + params, ctx.needs_input_grad[1:]) if need]
-        grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
-        return (None,) + tuple(next(grads) if need else None for need in ctx.needs_input_grad[1:])
+        with torch.autocast(device_type, dtype=dtype, enabled=autocast):
+            return (None,) + eager_gradients(ctx.block, x, params, grad, ctx.needs_input_grad[1:])
+
 
 
 class FusedBlock(nn.Module):

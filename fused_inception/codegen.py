@@ -339,8 +339,8 @@ def _model(name, train):
 
 
 _SIZES = {"googlenet": 224, "inception_v3": 299, "inception_resnet_v2": 299}
-# Training inputs: small (the kernels don't depend on the size), but no 1x1 map where a block
-# still pools or convolves (Inception v3 trains here without its aux head, which needs 299x299).
+# Training inputs: small (the kernels don't depend on the size) but large enough for every
+# block (Inception v3 trains here without its aux head, which needs 299x299).
 _TRAIN_SIZES = {"googlenet": 64, "inception_v3": 107, "inception_resnet_v2": 75}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

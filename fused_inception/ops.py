@@ -28,7 +28,7 @@ from typing import List, Tuple
 import torch
 
 from fused_inception.plan import output_memory_format, output_shape
-from fused_inception.program import lookup
+from fused_inception.program import eager_gradients, lookup
 
 
 @torch.library.custom_op("fused_inception::block_forward", mutates_args=())
@@ -37,10 +37,13 @@ def block_forward(x: torch.Tensor, program: int) -> torch.Tensor:
     return lookup(program).run(x)
 
 
-@block_forward.register_fake
-def _(x, program):
+def _output_like(x, program):
+    """The block output for x, empty: the eval ops' fake implementation."""
     shape = output_shape(lookup(program).graph, x.shape[0], x.shape[2], x.shape[3])
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+block_forward.register_fake(_output_like)
 
 
 # Eval mode with autograd recording (torch.export's default, torch.compile of a model whose
@@ -57,10 +60,7 @@ def block_eval_forward(x: torch.Tensor, params: List[torch.Tensor], program: int
     return lookup(program).run(x)
 
 
-@block_eval_forward.register_fake
-def _(x, params, program):
-    shape = output_shape(lookup(program).graph, x.shape[0], x.shape[2], x.shape[3])
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+block_eval_forward.register_fake(lambda x, params, program: _output_like(x, program))
 
 
 def _autograd_inside_an_op():
@@ -83,17 +83,14 @@ def block_eval_backward(grad: torch.Tensor, x: torch.Tensor, params: List[torch.
     if len(own) != len(params):
         raise RuntimeError(f"fused_inception: {type(block).__name__} has {len(own)} parameters, the graph "
                            f"passed {len(params)} (the block changed after tracing)")
-    with _autograd_inside_an_op(), torch.enable_grad():
-        xd = x.detach().requires_grad_(need_x)
-        y = block.eager_forward(xd)
-        wanted = ([xd] if need_x else []) + [p for p in own if p.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
-    dx = next(grads) if need_x else x.new_empty(0)
-    flat = [torch.zeros_like(x) if dx is None else dx]
-    for p in own:
-        g = next(grads) if p.requires_grad else None
-        flat.append(torch.zeros_like(p) if g is None else g)
-    return flat
+    with _autograd_inside_an_op():
+        grads = eager_gradients(block, x, own, grad, [need_x] + [p.requires_grad for p in own])
+    dx = grads[0]
+    if not need_x:
+        dx = x.new_empty(0)
+    elif dx is None:
+        dx = torch.zeros_like(x)
+    return [dx] + [torch.zeros_like(p) if g is None else g for p, g in zip(own, grads[1:])]
 
 
 @block_eval_backward.register_fake

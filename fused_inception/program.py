@@ -159,3 +159,16 @@ class BlockProgram:
         if plan is None:
             plan = self._train_plans[key] = training.build_train_plan(self.graph, device, dtype, param_dtype)
         return plan
+
+
+def eager_gradients(block, x, params, grad, needs):
+    """The gradients of the block's eager graph at x (eval), for `grad` of its output: one per
+    tensor of [x, *params] (the block's own parameters), None where `needs` says not needed
+    (or nothing depends on it). The fused eval forward's backward, in eager mode
+    (blocks._EvalFunction) and under torch.compile / torch.export (ops.block_eval_backward)."""
+    with torch.enable_grad():
+        xd = x.detach().requires_grad_(needs[0])
+        y = block.eager_forward(xd)
+    wanted = [t for t, need in zip([xd] + list(params), needs) if need]
+    grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
