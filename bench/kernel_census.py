@@ -88,20 +88,12 @@ def tuning_key(kernel, args, consts):
             + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
 
 
-def _job_key(job):
-    _, kernel, signature, constexprs, attrs, options, _ = job
-    return (kernel.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-            repr(sorted(attrs.items())), repr(sorted(options.items())))
-
-
 def _compile_job(spec):
     """Process-pool worker: compile one job into Triton's cache; seconds (or the error)."""
-    start = time.perf_counter()
     try:
-        codegen._compile_in_worker(spec)
+        return spec[1], codegen._compile_in_worker(spec)
     except Exception as e:  # noqa: BLE001 - reported, the others go on
         return spec[1], f"failed: {type(e).__name__}: {str(e)[:200]}"
-    return spec[1], time.perf_counter() - start
 
 
 class _FakeDriver:
@@ -175,11 +167,12 @@ def main(argv=None):
     seen, summary, all_jobs, tuning = set(), {}, [], set()
     for part in parts:
         jobs = codegen._jobs(recorded[part])
-        new = [j for j in jobs if _job_key(j) not in seen]
-        seen |= {_job_key(j) for j in jobs}
+        keys = [codegen.job_key(j) for j in jobs]
+        new = [j for j, key in zip(jobs, keys) if key not in seen]
+        seen |= set(keys)
         all_jobs += new
-        part_tuning = {(rec[0].__name__, tuning_key(*rec[:3])) for rec in recorded[part]
-                       if tuning_key(*rec[:3]) is not None}
+        part_tuning = {(rec[0].__name__, key) for rec in recorded[part]
+                       for key in [tuning_key(*rec[:3])] if key is not None}
         tuning |= part_tuning
         by_kernel = collections.Counter(j[1].__name__ for j in new)
         summary[part] = dict(specs=len(jobs), new_specs=len(new), tuning_keys=len(part_tuning),
@@ -191,8 +184,7 @@ def main(argv=None):
                   triton=triton.__version__, torch=torch.__version__)
     if args.compile:
         todo = all_jobs if args.compile == "all" else all_jobs[:int(args.compile)]
-        specs = [(k.__module__, k.__name__, sig, const, attrs, options, codegen.HOPPER)
-                 for _, k, sig, const, attrs, options, _ in todo]
+        specs = [codegen.worker_spec(job) for job in todo]
         start = time.perf_counter()
         if args.jobs > 1:
             # spawn, not fork: forking a process that holds torch's threads can hang the children.

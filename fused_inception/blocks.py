@@ -142,7 +142,7 @@ class FusedBlock(nn.Module):
         self._in_channels = self._program.in_channels
         object.__setattr__(self, "_like", self._tracked_params()[0])  # (dtype and device; not a new parameter)
         self._identities, self._generation = self._current_identities(), _generation[0]
-        self._watch = self._watch_list()
+        self._set_watch()
         self._attributes = self._watched_values()
         self._fast = None  # see forward
 
@@ -152,10 +152,11 @@ class FusedBlock(nn.Module):
         return (tuple(map(id, modules)), tuple(id(t) for m in modules for d in (m._parameters, m._buffers)
                                                for t in d.values()))
 
-    def _watch_list(self):
-        """(object, getter) pairs reading what the traced math depends on besides tensors: the
-        geometry attributes of convs, BatchNorms and pools, BatchNorms' train/eval flags, and the
-        block's own plain attributes (e.g. a residual scale given as a Python float)."""
+    def _set_watch(self):
+        """Set `_watch_objects` and `_watch_getters`: (object, getter) pairs reading what the
+        traced math depends on besides tensors: the geometry attributes of convs, BatchNorms and
+        pools, BatchNorms' train/eval flags, and the block's own plain attributes (e.g. a residual
+        scale given as a Python float)."""
         pairs = []
         for m in self.modules():
             names = _watched(type(m))
@@ -167,7 +168,6 @@ class FusedBlock(nn.Module):
             pairs.append((root, operator.attrgetter(*plain)))
         self._watch_objects = tuple(obj for obj, _ in pairs)
         self._watch_getters = tuple(get for _, get in pairs)
-        return tuple(pairs)
 
     def _watched_values(self):
         return list(map(operator.call, self._watch_getters, self._watch_objects))
@@ -302,7 +302,7 @@ class FusedBlock(nn.Module):
         params = self._tracked_params()
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return _EvalFunction.apply(self, x, *params)
-        if self._compute_dtype(x) is x.dtype and not self.training:
+        if self._compute_dtype(x) is x.dtype:
             self._fast = (x.dtype, x.device, x.device.type)
         return self._run_program(x)
 

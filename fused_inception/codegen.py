@@ -164,15 +164,28 @@ def _jobs(launches, target=HOPPER):
                 packed = (signature, constexprs, attrs, {"num_warps": config.num_warps,
                                                          "num_stages": config.num_stages})
             signature, constexprs, attrs, options = packed
-            key = (kernel.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-                   repr(sorted(attrs.items())), repr(sorted(options.items())))
+            dtype = _dtype_name(consts, args)
+            job = (f"{_label(kernel, consts, config)} {dtype}", kernel, signature, constexprs, attrs, options,
+                   dict(consts, dtype=dtype))
+            key = job_key(job)
             if key in seen:
                 continue
             seen.add(key)
-            dtype = _dtype_name(consts, args)
-            jobs.append((f"{_label(kernel, consts, config)} {dtype}", kernel, signature, constexprs, attrs, options,
-                         dict(consts, dtype=dtype)))
+            jobs.append(job)
     return jobs
+
+
+def job_key(job):
+    """What makes a job (from _jobs) a distinct compilation: kernel and specialisation."""
+    _, kernel, signature, constexprs, attrs, options, _ = job
+    return (kernel.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+            repr(sorted(attrs.items())), repr(sorted(options.items())))
+
+
+def worker_spec(job, target=HOPPER):
+    """A job as _compile_in_worker takes it in another process (the kernel by module and name)."""
+    _, kernel, signature, constexprs, attrs, options, _ = job
+    return (kernel.__module__, kernel.__name__, signature, constexprs, attrs, options, target)
 
 
 def _compile(kernel, signature, constexprs, attrs, options, target=HOPPER):
@@ -214,8 +227,7 @@ def compile_kernels(model, x, target=HOPPER, workers=1):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        specs = [(k.__module__, k.__name__, sig, const, attrs, options, target)
-                 for _, k, sig, const, attrs, options, _ in jobs]
+        specs = [worker_spec(job, target) for job in jobs]
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_compile_in_worker, specs))
     out = []

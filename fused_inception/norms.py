@@ -36,6 +36,11 @@ def _children(m):
     return set(m._modules)
 
 
+def is_plain(m):
+    """torch's own BatchNorm2d / SyncBatchNorm (not a subclass)."""
+    return type(m) in _PLAIN
+
+
 def is_norm_act(m):
     """timm's BatchNormAct2d / SyncBatchNormAct: a BatchNorm subclass with `drop` and `act` children."""
     return isinstance(m, _PLAIN) and type(m) not in _PLAIN and _children(m) == {"drop", "act"}
@@ -56,7 +61,7 @@ def is_frozen(m):
 
 def is_batchnorm(m):
     """True for a module the stage kernel folds as a BatchNorm (plain, norm + act, frozen)."""
-    return type(m) in _PLAIN or is_norm_act(m) or is_frozen(m)
+    return is_plain(m) or is_norm_act(m) or is_frozen(m)
 
 
 def is_leaf(m):

@@ -296,7 +296,7 @@ def _residual_head(parser, result):
     if shortcut is not None:
         taken.append(a)
     parser.absorbed.update(taken)
-    return HeadRecipe(up.target, scale, relu, None if shortcut is None else shortcut, bn), up.args[0]
+    return HeadRecipe(up.target, scale, relu, shortcut, bn), up.args[0]
 
 
 def _shortcut(parser, v):

@@ -369,6 +369,11 @@ class Layout:
     head: Optional[tuple] = None  # residual head conv (kh, kw, sh, sw, ph, pw)
     _sizes: dict = field(default_factory=dict)
 
+    def buffer_channels(self, in_channels):
+        """Channels of each of the stage kernel's buffers (kconv.BUF_*) for a block input of
+        `in_channels`."""
+        return {kconv.BUF_X: in_channels, kconv.BUF_OUT: self.out_channels, kconv.BUF_MID: self.mid_channels}
+
     def node_sizes(self, h, w):
         """Spatial size of every node's result for an h x w input."""
         return node_sizes(self.geometry, h, w)
@@ -664,8 +669,7 @@ def build_plan(graph, device, dtype):
     Raises UnsupportedBlock if some node can't go through the stage kernel.
     """
     layout = build_layout(graph)
-    channels = {kconv.BUF_X: graph.in_channels, kconv.BUF_OUT: layout.out_channels,
-                kconv.BUF_MID: layout.mid_channels}
+    channels = layout.buffer_channels(graph.in_channels)
     stages = []
     for problems in layout.stages:
         rows, specs, weights, scales, shifts = [], [], [], [], []

@@ -22,10 +22,9 @@ import operator
 import weakref
 
 import torch
-from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from fused_inception import training
+from fused_inception import norms, training
 from fused_inception.plan import build_plan, check_graph
 
 _VERSION = operator.attrgetter("_version")
@@ -78,8 +77,7 @@ class BlockProgram:
         self.train_refs = tuple(ref for ref in structure.refs(graph) if ref is not None and getattr(*ref) is not None)
         self.train_bns = tuple((training.member_modules(graph, m)[1], lo, hi) for m, lo, hi in structure.bn_columns)
         # Frozen BatchNorms and norm + act layers with a dropout: see norms.needs_eager.
-        self.special_bns = tuple(bn for bn, _, _ in self.train_bns if type(bn) not in (nn.BatchNorm2d,
-                                                                                      nn.SyncBatchNorm))
+        self.special_bns = tuple(bn for bn, _, _ in self.train_bns if not norms.is_plain(bn))
         self._tensors = _graph_tensors(graph)
         self._plans = {}  # compute dtype -> (stamp, Plan)
         self._train_plans = {}
@@ -128,9 +126,6 @@ class BlockProgram:
 
     def invalidate_training(self):
         self._train_plans = {}
-
-    def plans(self):
-        return [plan for _, plan in self._plans.values()]
 
     # Training --------------------------------------------------------------------------------
 

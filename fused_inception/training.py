@@ -180,8 +180,7 @@ def accumulator_dtype(dtype):
 def build_train_plan(graph, device, dtype, param_dtype):
     """The training plan of `graph` for inputs of `dtype` on `device` and parameters of `param_dtype`."""
     layout = build_layout(graph)
-    channels = {kconv.BUF_X: graph.in_channels, kconv.BUF_OUT: layout.out_channels,
-                kconv.BUF_MID: layout.mid_channels}
+    channels = layout.buffer_channels(graph.in_channels)
     acc = accumulator_dtype(dtype)
     stages, problems, weight_slots, bias_slots, member_columns, bn_columns = [], [], [], [], [], []
     w_offsets = []

@@ -571,12 +571,6 @@ def count_launch():
     _launches += 1
 
 
-def geometry(t):
-    """(H, W, stride_n, stride_h, stride_w, stride_c) of a logical NCHW tensor."""
-    s_n, s_c, s_h, s_w = t.stride()
-    return (t.shape[2], t.shape[3], s_n, s_h, s_w, s_c)
-
-
 def hidden_from_dispatch():
     """Hide the torch ops a launch may run on the host from dispatch modes (launch counters,
     tracers), as a GPU launch is hidden: the interpreter emulates launches with torch ops, and
@@ -685,7 +679,7 @@ class StageLaunch:
     Build it with buffers of the shape and strides the calls will pass (see conv_stage for the
     arguments); x may later come at another 16-byte alignment (it is checked per call)."""
 
-    __slots__ = ("spec", "head", "tail", "consts", "sizes", "ncols", "configs", "device", "compiled", "grid", "meta",
+    __slots__ = ("spec", "head", "tail", "consts", "sizes", "ncols", "device", "compiled", "grid", "meta",
                  "training", "scale", "dtype", "fp32", "pin", "cuda_index", "run", "tail_meta")
 
     def __init__(self, spec, table, ncols, depth, weight, scale, shift, x, out, mid, training=False):
@@ -707,7 +701,6 @@ class StageLaunch:
             ACC=accumulator(dtype), TRAIN=training)
         self.sizes = tuple(batch * (o_hw if spec_field(p, "dst0") == BUF_OUT else m_hw) for p in spec)
         self.dtype = dtype
-        self.configs = [_pinned] if _pinned is not None else configs_for(spec, dtype, training)
         self.device = x.device
         self.cuda_index = x.device.index if x.device.type == "cuda" else None
         self.fp32 = dtype == torch.float32
@@ -745,9 +738,9 @@ class StageLaunch:
         if self.fp32:  # TF32 or not, as eager convolutions now
             self.consts["INPUT_PRECISION"] = fp32_precision()
         self.pin = _pin_generation
-        self.configs = [_pinned] if _pinned is not None else configs_for(self.spec, self.dtype, self.training)
         if _recorder is not None:
-            _recorder.append((_stage_kernel, args, dict(self.consts), list(self.configs)))
+            configs = [_pinned] if _pinned is not None else configs_for(self.spec, self.dtype, self.training)
+            _recorder.append((_stage_kernel, args, dict(self.consts), configs))
         elif INTERPRETING:
             with hidden_from_dispatch():
                 _stage_kernel[self._grid](*args, **self.consts, **INTERPRETER_CONFIG)
