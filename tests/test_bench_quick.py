@@ -45,17 +45,25 @@ def test_smoke_part_on_cpu(tmp_path):
     assert len(records(tmp_path / "smoke.jsonl")) == len(recs)
 
 
-def test_nan_check_runs_each_pinned_config(tmp_path, monkeypatch):
+@pytest.fixture
+def tf32_flags_restored():
+    """The smoke sets torch's TF32 flags: put back by assignment afterwards (monkeypatch.setattr
+    records them as absent, since torch serves them through a module __getattr__, and its undo
+    would delattr them and fail)."""
+    import torch
+
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def test_nan_check_runs_each_pinned_config(tmp_path, monkeypatch, tf32_flags_restored):
     """With kernels.conv.pin_config present, the NaN check runs once per requested config, pinned,
     and unpins afterwards (fp32 eval and the training step run pinned to the last config);
     without it, the record says so."""
-    import torch
-
     from fused_inception.kernels import conv as kconv
 
     quick = quick_module()
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)  # the smoke sets them
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
     calls = []
     monkeypatch.setattr(kconv, "pin_config", calls.append, raising=False)
     part = quick.Part("smoke", str(tmp_path), device="cpu")
