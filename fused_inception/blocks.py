@@ -1,72 +1,42 @@
 """Drop-in fused modules: torchvision's constructor arguments, child names and state_dict keys.
 
 `FusedBlock` is the mechanism. A subclass writes its math once, as `eager_forward` (torchvision's
-forward, verbatim); the block's graph is recognised from it by `pattern.recipe_of` (torch.fx),
-and `forward` checks the input, picks a backend and runs the cached plan. Backends:
+forward, verbatim); the block's graph is recognised from it once, when the block is built
+(`pattern.recipe_of`, torch.fx), and `forward` checks the input, takes the block's `route` and
+runs it:
 
-- Triton: on CUDA tensors, and on CPU tensors when Triton's interpreter is on (TRITON_INTERPRET=1
-  set before `fused_inception` is imported). Eval mode: one launch per stage. Train mode
-  (`training.py`): batch statistics in the stage launch, then normalise + ReLU, and a fused
-  backward.
-- eager: `eager_forward`. For float64, on CPU without the interpreter, and where the kernels
-  would differ from eager (see `uses_kernels`).
+- EVAL: the fused eval forward, one launch per stage (Triton: on CUDA tensors, and on CPU
+  tensors when Triton's interpreter is on, TRITON_INTERPRET=1 set before `fused_inception` is
+  imported);
+- EVAL_GRAD: the same while autograd records, with a backward that recomputes `eager_forward`;
+- TRAIN: batch statistics in the stage launch, then normalise + ReLU, and a fused backward
+  (`training.py`);
+- EAGER: `eager_forward`, whenever the kernels would not compute what it does or could not honour
+  what was asked of the module (`eager_reason` says why): float64, CPU without the interpreter,
+  hooks or parametrizations on an inner module, a BatchNorm switched to batch statistics,
+  torch.fx / torch.jit tracing, ONNX export, torch.func transforms, ...
 
 Under torch.autocast (fp16/bf16) the kernels compute in the autocast dtype, as eager autocast
 convolutions do: the input is cast, weights are laid out in that dtype (one cached plan per
 compute dtype), accumulation and the folded BN stay fp32, and the output has the autocast dtype.
 
-In eval mode with autograd recording (parameters or input requiring grad and grad enabled), the
-fused forward is wrapped in an autograd.Function whose backward recomputes `eager_forward`.
+A block follows changes made to it after it was built (`watch.py`: structure; `BlockProgram.stamp`:
+the tensors its modules hold, read at call time, so `torch.func.functional_call` and
+`torch.utils.swap_tensors` are seen).
 """
 
-import functools
-import operator
-
 import torch
-from torch import nn
+from torch import fx, nn
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
-from fused_inception import norms, ops, training
-from fused_inception.kernels import conv as kconv
-from fused_inception.pattern import recipe_of
-from fused_inception.plan import output_memory_format
-from fused_inception.program import BlockProgram, eager_gradients
+from fused_inception import ops, training
+from fused_inception.pattern import NotABlock, recipe_of
+from fused_inception.plan import UnsupportedBlock, output_memory_format
+from fused_inception.program import BlockProgram, Route, compute_dtype, eager_gradients
+from fused_inception.watch import Watch
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-_PLAIN = (bool, int, float, str, tuple)
-# Attributes of torch.nn layers that the plan depends on (see FusedBlock._fingerprint).
-_WATCHED = {
-    nn.Conv2d: ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"),
-    nn.BatchNorm2d: ("eps", "affine", "track_running_stats"),
-    nn.SyncBatchNorm: ("eps", "affine", "track_running_stats", "process_group"),
-    nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
-    nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _watched(cls):
-    """_WATCHED's entry for cls or its nearest base there (timm's BatchNormAct2d is a BatchNorm2d),
-    or a frozen BatchNorm's eps."""
-    for base in cls.__mro__:
-        if base in _WATCHED:
-            return _WATCHED[base]
-    return ("eps",) if norms.is_frozen_type(cls) else ()
-
-
-# Bumped whenever any module anywhere registers a submodule, parameter or buffer (assignment
-# included), so that a FusedBlock knows when to look at its submodules' identities again.
-_generation = [0]
-
-
-def _count_registration(module, name, value):
-    _generation[0] += 1
-
-
-torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
-torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def check_input(x, in_channels, like, name):
@@ -88,34 +58,35 @@ def check_input(x, in_channels, like, name):
                         f"convert the input or the module with .to(dtype)")
 
 
-def triton_available_for(x):
-    """True if the stage kernel can run on x's device: CUDA, or CPU under the interpreter (or
-    CPU and meta tensors while kernel launches are recorded, see fused_inception.codegen)."""
-    kind = x.device.type
-    return kind == "cuda" or (kconv.INTERPRETING and kind == "cpu") or (kconv.is_recording() and kind in ("cpu", "meta"))
+def _transformed(x):
+    """A torch.func transform (vmap, grad, jvp, ...) or forward-mode AD is active for x. (The
+    forward's fast path tests x and forward AD only: a transform over the parameters alone
+    changes the tensors the block holds, which sends it to the slow path.)"""
+    return (_is_functorch_wrapped(x) or _forward_ad._current_level >= 0
+            or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 class _EvalFunction(torch.autograd.Function):
-    """Fused forward; backward recomputes the eager graph (eval BN is affine, nothing is updated)."""
+    """Fused forward; backward recomputes the eager graph with the tensors the forward used (eval
+    BatchNorm is affine, nothing is updated)."""
 
     @staticmethod
-    def forward(ctx, block, x, *params):
+    def forward(ctx, block, x, *tensors):
         ctx.block = block
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
-        ctx.save_for_backward(x, *params)  # saved: autograd refuses a backward after in-place updates
+        ctx.save_for_backward(x, *tensors)  # saved: autograd refuses a backward after in-place updates
         return block._run_program(x)
 
     @staticmethod
     def backward(ctx, grad):
-        x, *params = ctx.saved_tensors
+        x, *tensors = ctx.saved_tensors
         if ctx.block.training:
             raise RuntimeError(f"{type(ctx.block).__name__} was switched to train() between an eval forward and its "
                                "backward; the recomputed graph would use batch statistics")
         device_type, autocast, dtype = ctx.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=autocast):
-            return (None,) + eager_gradients(ctx.block, x, params, grad, ctx.needs_input_grad[1:])
-
+            return (None,) + eager_gradients(ctx.block, x, tensors, grad, ctx.needs_input_grad[1:])
 
 
 class FusedBlock(nn.Module):
@@ -124,91 +95,59 @@ class FusedBlock(nn.Module):
     A subclass builds its submodules, defines `eager_forward(x)` (the reference math) and calls
     `self._init_fused()` at the end of `__init__`, which recognises the block from `eager_forward`
     (raising `UnsupportedBlock` with the reason if it can't be fused). The block's
-    `fused_inception.program.BlockProgram` holds its plans; `forward` checks the input, picks the
-    path and runs it.
+    `fused_inception.program.BlockProgram` holds its plans; `forward` checks the input, takes the
+    `route` and runs it.
     """
 
-    _is_fused_block = True  # fx leaves, and fuse() skips these
+    _is_fused_block = True  # fx leaves for fuse(), which skips these
 
     def _init_fused(self, recipe=None):
-        self._set_recipe(recipe if recipe is not None else self._trace_recipe())
+        self._recipe = recipe if recipe is not None else self._trace_recipe()
+        self._program = BlockProgram(self._recipe, self)
+        self._watch = Watch(self, self._fingerprint_root())
+        self._broken = None  # why a change made the block unfusable (it then runs eagerly)
+        self._fast = None  # (dtype, device, device type) of the last plain eval forward: see forward
 
     def _trace_recipe(self):
         return recipe_of(self, "eager_forward", allow_single=True)
 
-    def _set_recipe(self, recipe):
-        self._program = BlockProgram(recipe, self)
-        self._recipe = recipe
-        self._in_channels = self._program.in_channels
-        object.__setattr__(self, "_like", self._tracked_params()[0])  # (dtype and device; not a new parameter)
-        self._identities, self._generation = self._current_identities(), _generation[0]
-        self._set_watch()
-        self._attributes = self._watched_values()
-        self._fast = None  # see forward
-
-    def _current_identities(self):
-        """Which submodules, parameters and buffers the block has (registrations change them)."""
-        modules = list(self.modules())
-        return (tuple(map(id, modules)), tuple(id(t) for m in modules for d in (m._parameters, m._buffers)
-                                               for t in d.values()))
-
-    def _set_watch(self):
-        """Set `_watch_objects` and `_watch_getters`: (object, getter) pairs reading what the
-        traced math depends on besides tensors: the geometry attributes of convs, BatchNorms and
-        pools, BatchNorms' train/eval flags, and the block's own plain attributes (e.g. a residual
-        scale given as a Python float)."""
-        pairs = []
-        for m in self.modules():
-            names = _watched(type(m))
-            if names:  # (a BatchNorm's train/eval flag decides the path: see uses_kernels)
-                pairs.append((m, operator.attrgetter(*names, *(("training",) if norms.is_batchnorm(m) else ()))))
-        root = self._fingerprint_root()
-        plain = [k for k, v in root.__dict__.items() if type(v) in _PLAIN and k[0] != "_" and k != "training"]
-        if plain:
-            pairs.append((root, operator.attrgetter(*plain)))
-        self._watch_objects = tuple(obj for obj, _ in pairs)
-        self._watch_getters = tuple(get for _, get in pairs)
-
-    def _watched_values(self):
-        return list(map(operator.call, self._watch_getters, self._watch_objects))
-
     def _fingerprint_root(self):
-        return self
+        return self  # the module whose forward was traced
+
+    def _refresh(self):
+        """Catch up with changes made to the block since its program was built (see watch.py)."""
+        change, self._watch = self._watch.refresh(self, self._fingerprint_root())
+        if change is None or self._watch.reason is not None:
+            return
+        try:
+            if change == "retrace":
+                self._recipe = self._trace_recipe()
+            self._program, self._broken = BlockProgram(self._recipe, self), None
+        except (UnsupportedBlock, NotABlock) as e:
+            self._broken = f"changed after it was built, it can't be fused any more: {e}"
 
     def __getstate__(self):  # copy.deepcopy and pickling: the program is rebuilt for the copy
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
-        state.pop("_program", None)
-        state["_fast"] = None
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        for name in ("_program", "_watch", "_fast"):
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._set_recipe(self._recipe)
+        self._init_fused(self._recipe)
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): plans for the new tensors
         result = super()._apply(fn, recurse)
-        self._set_recipe(self._recipe)
+        self.invalidate_plan()
         return result
 
     def eager_forward(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _current_program(self):
-        """The block's program, made anew (the math traced again) if a submodule or parameter
-        was replaced, added or removed, or a watched attribute changed."""
-        if self._generation != _generation[0]:
-            self._generation = _generation[0]
-            if self._current_identities() != self._identities:
-                self._set_recipe(self._trace_recipe())
-                return self._program
-        if self._watched_values() != self._attributes:
-            self._set_recipe(self._trace_recipe())
-        return self._program
-
     def graph(self):
         """The block's `plan.BlockGraph` over its current submodules."""
-        return self._current_program().graph
+        self._refresh()
+        return self._program.graph
 
     @property
     def launches(self):
@@ -225,121 +164,106 @@ class FusedBlock(nn.Module):
         self._program.invalidate_training()
         self._fast = None
 
-    def train(self, mode=True):
-        # The inference plan folds the running statistics: rebuilt. The training plans depend on
-        # the structure only and stay (a CUDA graph captured from them stays valid).
-        if hasattr(self, "_program"):
-            self._program.invalidate()
-            self._fast = None
-        return super().train(mode)
-
     def plan(self, dtype=None):
         """The current inference plan for this block's parameters, computing in `dtype`
         (default: the parameters'), built or taken from the cache."""
-        program = self._current_program()
-        return program.plan(dtype or self._like.dtype, self._like.device)
+        self._refresh()
+        like = self._tracked_params()[0]
+        return self._program.plan(dtype or like.dtype, like.device)
 
-    def _compute_dtype(self, x):
-        """The autocast dtype when autocast is on for x's device (fp16/bf16) and would cast x
-        (autocast leaves float64 alone), else x's dtype."""
-        if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            if dtype in (torch.float16, torch.bfloat16):
-                return dtype
-        return x.dtype
+    def train_plan(self, dtype, device):
+        """The training plan for inputs of `dtype` on `device` (built or taken from the cache)."""
+        self._refresh()
+        return self._program.train_plan(dtype, device)
 
     def _run_program(self, x):
-        dtype = self._compute_dtype(x)
-        return self._program.plan(dtype, self._like.device).run(x.to(dtype))  # (x.to keeps the memory format)
+        return self._program.run(x.to(compute_dtype(x)))  # (x.to keeps the memory format)
+
+    def eager_reason(self, x, compiling=False):
+        """Why forward(x) would run the eager graph now (a sentence), or None when it runs the
+        fused kernels. `compiling`: under torch.compile / torch.export (see `route`)."""
+        return self._route(x, compiling)[1]
 
     def uses_kernels(self, x):
-        """True if forward(x) would run the Triton kernels (not the eager fallback).
+        """True if forward(x) would run the Triton kernels (not the eager graph)."""
+        return self._route(x)[1] is None
 
-        Eager instead: residual blocks under autocast (there `scale * up + x` adds the fp32
-        input to a low-precision result and returns fp32, which the kernel doesn't do); a
-        BatchNorm whose train/eval mode differs from the block's (e.g. frozen BN while
-        fine-tuning); a frozen BatchNorm in training, or a norm + act layer whose dropout is
-        active (`norms.needs_eager`); and in training, `torch.use_deterministic_algorithms(True)`
-        (the batch statistics are summed with atomics), a residual scale that requires grad, or
-        parameters of different dtypes."""
-        program = self._program
-        if not triton_available_for(x) or self._compute_dtype(x) not in _KERNEL_DTYPES:
-            return False
-        if program.graph.head is not None and torch.is_autocast_enabled(x.device.type):
-            return False
-        if any(bn.training != self.training for bn, _, _ in program.train_bns):
-            return False
-        if any(norms.needs_eager(bn, self.training) for bn in program.special_bns):
-            return False
-        if self.training:
-            if torch.are_deterministic_algorithms_enabled():
-                return False
-            scale = program.residual_scale()
-            if isinstance(scale, torch.Tensor) and scale.requires_grad:
-                return False
-            return len({getattr(*ref).dtype for ref in program.train_refs}) == 1
-        return True
+    def route(self, x, compiling=False):
+        """How forward(x) computes now (a `Route`): the one decision that both the eager and the
+        compiled forward (`compiling`) take; EAGER whenever `eager_reason(x)` gives a reason."""
+        return self._route(x, compiling)[0]
+
+    def _route(self, x, compiling=False):
+        if isinstance(x, fx.Proxy):
+            return Route.EAGER, "torch.fx is tracing: the eager graph is what it records"
+        if not compiling:
+            self._refresh()
+            if torch.jit.is_tracing():
+                return Route.EAGER, "torch.jit.trace (or the TorchScript ONNX exporter) records the eager graph"
+            if _transformed(x):
+                return Route.EAGER, "a torch.func transform or forward-mode AD is active: the kernels have no rule for it"
+        if (not compiling or torch.compiler.is_exporting()) and torch.onnx.is_in_onnx_export():
+            return Route.EAGER, "ONNX export records the eager graph (ONNX has no fused-kernel operator)"
+        reason = self._watch.reason or self._watch.hooks_reason() or self._broken
+        if reason is not None:
+            return Route.EAGER, reason
+        return self._program.route(x, self.training, compiling)
 
     def forward(self, x):
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
         fast = self._fast
-        # The common case, an eval forward without autograd or autocast, in a few microseconds:
-        # the same input dtype, device and channels as the last one, nothing registered and no
-        # watched attribute changed since (the plan checks the tensors' versions itself).
-        if (fast is not None and x.dtype is fast[0] and x.device == fast[1] and x.dim() == 4
-                and x.shape[1] == self._in_channels and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled(fast[2]) and self._generation == _generation[0]
-                and self._watched_values() == self._attributes):
-            return self._program.run(x)
+        # The common case, a plain eval forward (no autograd, autocast, hooks, tracing or
+        # transforms), in a few microseconds: the same input dtype, device and channels as the
+        # last one, nothing changed in the block, the plan current for the tensors it holds.
+        if (fast is not None and type(x) is torch.Tensor and x.dtype is fast[0] and x.device == fast[1]
+                and x.dim() == 4 and x.shape[1] == self._program.in_channels and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(fast[2]) and self._watch.unchanged()
+                and torch._C._get_tracing_state() is None and not _is_functorch_wrapped(x)
+                and _forward_ad._current_level < 0):
+            plan = self._program.fresh_plan(x.dtype)
+            if plan is not None:
+                return plan.run(x)
         self._fast = None
-        check_input(x, self._in_channels, self._like, type(self).__name__)
-        self._current_program()  # trace again if submodules or their attributes changed
-        if not self.uses_kernels(x):
+        if not isinstance(x, fx.Proxy):
+            check_input(x, self._program.in_channels, self._tracked_params()[0], type(self).__name__)
+        route = self.route(x)  # (which catches up with changes made to the block first)
+        if route is Route.EAGER:
             return self.eager_forward(x)
-        if self.training:
+        if route is Route.TRAIN:
             return self._train_forward(x)
-        params = self._tracked_params()
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            return _EvalFunction.apply(self, x, *params)
-        if self._compute_dtype(x) is x.dtype:
+        if route is Route.EVAL_GRAD:
+            return _EvalFunction.apply(self, x, *self._program.held())
+        if compute_dtype(x) is x.dtype:
             self._fast = (x.dtype, x.device, x.device.type)
         return self._run_program(x)
-
-    def train_plan(self, dtype, device):
-        """The training plan for inputs of `dtype` on `device` (built or taken from the cache)."""
-        return self._current_program().train_plan(dtype, device)
 
     def _train_forward(self, x):
         """The fused training forward (batch statistics, running-stat updates, autograd)."""
         program = self._program
-        dtype = self._compute_dtype(x)
+        dtype = compute_dtype(x)
         plan = program.train_plan(dtype, x.device)
-        out, saved = training.TrainFunction.apply(plan, program.sync_group(), output_memory_format(x),
-                                                  program.running_means(), x.to(dtype), *program.train_params())
-        training.update_running_stats(program.train_bns, saved)
+        out, _ = training.TrainFunction.apply(plan, program.sync_group(), output_memory_format(x), program.train_bns,
+                                              program.running_means(), x.to(dtype), *program.train_params())
         return out
 
     def _traced_forward(self, x):
-        """forward under torch.compile: one opaque custom op per block (inference: the fused
-        forward; training: the fused forward and backward, registered with torch.library)."""
-        check_input(x, self._in_channels, next(self.parameters()), type(self).__name__)
-        program = self._program
-        if self.training:
-            if not self.uses_kernels(x):
-                return self.eager_forward(x)
-            out, _, _, saved = ops.block_train_forward(x.to(self._compute_dtype(x)), program.train_params(),
-                                                       program.running_means(), program.id)
+        """forward under torch.compile / torch.export: the same route, each fused path one opaque
+        custom op (inference: the fused forward; training: the fused forward and backward,
+        registered with torch.library)."""
+        check_input(x, self._program.in_channels, next(self.parameters()), type(self).__name__)
+        route, program = self.route(x, compiling=True), self._program
+        if route is Route.EAGER:
+            return self.eager_forward(x)
+        dtype = compute_dtype(x)
+        if dtype is not x.dtype:
+            x = x.to(dtype)
+        if route is Route.TRAIN:
+            out, _, _, saved = ops.block_train_forward(x, program.train_params(), program.running_means(), program.id)
             training.update_running_stats(program.train_bns, saved)
             return out
-        if not self.uses_kernels(x) or torch.is_autocast_enabled(x.device.type):
-            return self.eager_forward(x)
-        params = self._tracked_params()
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            scale = program.residual_scale()
-            if isinstance(scale, torch.Tensor) and scale.requires_grad and not any(scale is p for p in params):
-                return self.eager_forward(x)  # (a scale from outside the block: its gradient needs the graph)
-            return ops.block_eval_forward(x, params, program.id)
+        if route is Route.EVAL_GRAD:
+            return ops.block_eval_forward(x, program.held(), program.id)
         return ops.block_forward(x, program.id)
 
 
@@ -612,6 +536,12 @@ class FusedInceptionAux(nn.Module):
         return self.fc(x)
 
 
+_MODULE_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                 "_load_state_dict_post_hooks")
+
+
 class FusedGraphBlock(FusedBlock):
     """A user's module recognised by `fuse()`, run through the stage kernel.
 
@@ -626,6 +556,9 @@ class FusedGraphBlock(FusedBlock):
         self._parameters = original._parameters
         self._buffers = original._buffers
         self._non_persistent_buffers_set = original._non_persistent_buffers_set
+        for name in _MODULE_HOOKS:  # hooks registered on the original stay registered (and removable)
+            self.__dict__[name] = original.__dict__[name]
+        self._is_full_backward_hook = original._is_full_backward_hook
         self.training = original.training
         object.__setattr__(self, "_original", original)  # not a child: no duplicate keys
         self._init_fused(recipe)

@@ -22,6 +22,7 @@ from torch import nn
 from fused_inception.blocks import FusedBlock, FusedGraphBlock
 from fused_inception.pattern import NotABlock, UnsupportedUnit, is_layer, recipe_of
 from fused_inception.plan import UnsupportedBlock, check_graph
+from fused_inception.watch import Watch
 
 
 @dataclass
@@ -58,6 +59,8 @@ def _fused_or_reason(module):
     candidate can't be fused, or None if it is no candidate."""
     if is_layer(module) or not any(True for _ in module.parameters()):
         return None  # torch.nn layers, fused blocks, parameter-free modules
+    watch = Watch(module, module)  # hooks or parametrizations inside: the kernels can't honour them
+    reason = watch.reason or watch.hooks_reason()
     # A Sequential is a container (blocks are found inside it) unless it is one conv unit.
     container, recipe = isinstance(module, nn.Sequential), None
     try:
@@ -66,6 +69,8 @@ def _fused_or_reason(module):
             return None  # a lone conv: fusing it saves nothing
         if container and not recipe.single:
             return None
+        if reason is not None:
+            return None if recipe.single else reason
         fused = FusedGraphBlock(module, recipe)
         check_graph(fused.graph())
     except (NotABlock, UnsupportedUnit):
@@ -102,8 +107,14 @@ def fuse(model, inplace=True):
     if not inplace:
         model = copy.deepcopy(model)
     report = FuseReport()
+    done = {}  # id -> what a module became: one registered under two names is fused once, under both
 
     def visit(module, name):
+        if id(module) not in done:
+            done[id(module)] = _visit(module, name)
+        return done[id(module)]
+
+    def _visit(module, name):
         result = _fused_or_reason(module)
         if isinstance(result, FusedGraphBlock):
             report.swapped.append((name, type(module).__name__, result._recipe.eager_kernels, result.launches))
@@ -113,7 +124,9 @@ def fuse(model, inplace=True):
         if isinstance(result, str):
             report.left_alone.append((name, type(module).__name__, result))
         if not isinstance(module, FusedBlock):
-            for child_name, child in list(module.named_children()):
+            for child_name, child in list(module._modules.items()):  # (every name, unlike named_children)
+                if child is None:
+                    continue
                 new = visit(child, f"{name}.{child_name}" if name else child_name)
                 if new is not child:
                     setattr(module, child_name, new)

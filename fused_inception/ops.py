@@ -54,13 +54,13 @@ block_forward.register_fake(_output_like)
 
 
 @torch.library.custom_op("fused_inception::block_eval_forward", mutates_args=())
-def block_eval_forward(x: torch.Tensor, params: List[torch.Tensor], program: int) -> torch.Tensor:
-    """Eval-mode fused forward of the block program `program` when autograd records: `params`
-    are the block's parameters (FusedBlock._tracked_params order), for the backward."""
+def block_eval_forward(x: torch.Tensor, tensors: List[torch.Tensor], program: int) -> torch.Tensor:
+    """Eval-mode fused forward of the block program `program` when autograd records: `tensors`
+    are what the block's parameter and buffer slots hold (BlockProgram.held), for the backward."""
     return lookup(program).run(x)
 
 
-block_eval_forward.register_fake(lambda x, params, program: _output_like(x, program))
+block_eval_forward.register_fake(lambda x, tensors, program: _output_like(x, program))
 
 
 def _autograd_inside_an_op():
@@ -74,41 +74,34 @@ def _autograd_inside_an_op():
 
 
 @torch.library.custom_op("fused_inception::block_eval_backward", mutates_args=())
-def block_eval_backward(grad: torch.Tensor, x: torch.Tensor, params: List[torch.Tensor], program: int,
-                        need_x: bool) -> List[torch.Tensor]:
-    """Backward of block_eval_forward: [dx (empty unless need_x), then one gradient per parameter],
-    from the block's eager graph recomputed under autograd."""
+def block_eval_backward(grad: torch.Tensor, x: torch.Tensor, tensors: List[torch.Tensor], program: int,
+                        needs: List[bool]) -> List[torch.Tensor]:
+    """Backward of block_eval_forward: the gradients of [x, *tensors] (an empty tensor where
+    `needs` says not needed), from the block's eager graph recomputed under autograd with `tensors`
+    in its slots."""
     block = lookup(program).owner()
-    own = block._tracked_params()
-    if len(own) != len(params):
-        raise RuntimeError(f"fused_inception: {type(block).__name__} has {len(own)} parameters, the graph "
-                           f"passed {len(params)} (the block changed after tracing)")
     with _autograd_inside_an_op():
-        grads = eager_gradients(block, x, own, grad, [need_x] + [p.requires_grad for p in own])
-    dx = grads[0]
-    if not need_x:
-        dx = x.new_empty(0)
-    elif dx is None:
-        dx = torch.zeros_like(x)
-    return [dx] + [torch.zeros_like(p) if g is None else g for p, g in zip(own, grads[1:])]
+        grads = eager_gradients(block, x, tensors, grad, needs)
+    return [(torch.zeros_like(t) if g is None else g) if need else t.new_empty(0)
+            for t, g, need in zip([x, *tensors], grads, needs)]
 
 
 @block_eval_backward.register_fake
-def _(grad, x, params, program, need_x):
-    return [torch.empty_like(x) if need_x else x.new_empty(0)] + [torch.empty_like(p) for p in params]
+def _(grad, x, tensors, program, needs):
+    return [torch.empty_like(t) if need else t.new_empty(0) for t, need in zip([x, *tensors], needs)]
 
 
 def _eval_setup_context(ctx, inputs, output):
-    x, params, program = inputs
+    x, tensors, program = inputs
     ctx.program = program
-    ctx.save_for_backward(x, *params)
+    ctx.needs = [x.requires_grad] + [t.requires_grad for t in tensors]
+    ctx.save_for_backward(x, *tensors)
 
 
 def _eval_backward(ctx, grad):
-    x, *params = ctx.saved_tensors
-    need_x = ctx.needs_input_grad[0]
-    flat = block_eval_backward(grad, x, params, ctx.program, need_x)
-    return (flat[0] if need_x else None), flat[1:], None
+    x, *tensors = ctx.saved_tensors
+    flat = block_eval_backward(grad, x, tensors, ctx.program, ctx.needs)
+    return (flat[0] if ctx.needs[0] else None), [g if need else None for g, need in zip(flat[1:], ctx.needs[1:])], None
 
 
 block_eval_forward.register_autograd(_eval_backward, setup_context=_eval_setup_context)

@@ -16,9 +16,11 @@ a candidate) and `UnsupportedBlock` with the reason for a candidate that can't b
 """
 
 from dataclasses import dataclass
+import functools
 from typing import Optional
 
 import operator
+import threading
 
 import torch
 from torch import fx, nn
@@ -43,7 +45,7 @@ class NodeRecipe:
     bn: Optional[str]
     relu: bool
     src: Optional[int]
-    pool: Optional[PoolSpec]
+    pool: object  # a PoolSpec (a functional pool), the qualified name of a pool module, or None
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class Recipe:
     def graph(self, module):
         """The BlockGraph of `module`'s current submodules."""
         nodes = [ConvNode(module.get_submodule(r.conv) if r.conv else None,
-                          module.get_submodule(r.bn) if r.bn else None, r.relu, r.src, r.pool)
+                          module.get_submodule(r.bn) if r.bn else None, r.relu, r.src,
+                          PoolSpec.from_module(module.get_submodule(r.pool)) if isinstance(r.pool, str) else r.pool)
                  for r in self.nodes]
         readers = [n.conv for n in nodes if n.src is None and n.conv is not None]
         if not readers:
@@ -74,8 +77,8 @@ class Recipe:
         head = None
         if self.head is not None:
             scale = self.head.scale
-            if isinstance(scale, str):
-                scale = _attribute(module, scale)
+            if isinstance(scale, str):  # a buffer: read where it is when used (functional_call swaps it)
+                scale = functools.partial(_attribute, module, scale)
             h = self.head
             head = ResidualHead(module.get_submodule(h.conv), scale, h.relu,
                                 module.get_submodule(h.shortcut) if h.shortcut else None,
@@ -97,13 +100,20 @@ class _Tracer(fx.Tracer):
     `norms` interprets (timm's BatchNormAct2d, frozen BatchNorms) stay leaves."""
 
     def is_leaf_module(self, m, qualname):
-        return getattr(m, "_is_fused_block", False) or norms.is_leaf(m) or super().is_leaf_module(m, qualname)
+        # (a module with hooks too: tracing through it would call them with fx proxies)
+        return is_layer(m) or _has_hooks(m)
+
+
+def _has_hooks(m):
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def is_layer(module):
     """True for a module torch.fx keeps whole (torch.nn layers, fused blocks, the BatchNorms `norms`
     interprets): neither a block nor a conv unit, nothing to find inside."""
-    return _Tracer().is_leaf_module(module, "")
+    torch_nn = type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))  # (fx's default leaves)
+    return (getattr(module, "_is_fused_block", False) or norms.is_leaf(module)
+            or torch_nn and not isinstance(module, nn.Sequential))
 
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
@@ -139,10 +149,12 @@ class _Parser:
         return n.target in (torch.relu_, F.relu_, "relu_") or bool(n.kwargs.get("inplace", n.args[1:2] == (True,)))
 
     def pool_of(self, n):
-        """PoolSpec of a pooling node, or None if n is not one."""
+        """PoolSpec of a pooling node (for a pool module: its qualified name, resolved with the
+        module's current attributes by Recipe.graph), or None if n is not one."""
         m = self.submodule(n)
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            return PoolSpec.from_module(m)
+            PoolSpec.from_module(m)  # (raises UnsupportedBlock now for a pool the kernel can't compute)
+            return n.target
         if n.op == "call_function" and n.target in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d):
             names = _AVG_POOL_ARGS if n.target is F.avg_pool2d else _MAX_POOL_ARGS
             kwargs = dict(zip(names, n.args[1:]), **n.kwargs)
@@ -211,6 +223,12 @@ def _cat_inputs(n, cats):
     return None
 
 
+# torch.fx patches nn.Module.__call__ for the whole process while it traces, and two traces that
+# overlap can restore each other's patch: traces are serialised. (Forwards never trace: a block
+# is recognised when built or fused, and again only when its structure changes, see watch.py.)
+_TRACING = threading.Lock()
+
+
 def recipe_of(module, method="forward", allow_single=False):
     """Trace module.<method> and return its Recipe (see the module docstring for what matches).
 
@@ -220,7 +238,8 @@ def recipe_of(module, method="forward", allow_single=False):
     tracer = _Tracer()
     tracer.traced_func_name = method
     try:
-        graph = tracer.trace(module)
+        with _TRACING:
+            graph = tracer.trace(module)
     except Exception as e:  # noqa: BLE001 - untraceable (control flow on values, ...) = not a candidate
         raise NotABlock(f"not traceable by torch.fx: {type(e).__name__}") from e
     parser = _Parser(module, graph)

@@ -110,8 +110,9 @@ class ResidualHead:
 
     `shortcut` is None for the identity (Inception-ResNet-v1/v2: x itself) or a 1x1 stride-1
     convolution (a projection shortcut, as some write-ups draw the block), `bn` an optional
-    BatchNorm after the add. `scale` is a Python number or a one-element tensor (a buffer), read
-    when the plan is built.
+    BatchNorm after the add. `scale` is a Python number, a one-element tensor, or a function
+    returning the tensor a module holds now (a buffer: what `torch.func.functional_call` swaps);
+    `current_scale()` reads it when a plan is built.
     """
 
     conv: nn.Conv2d
@@ -123,6 +124,9 @@ class ResidualHead:
     @property
     def out_channels(self):
         return self.conv.out_channels
+
+    def current_scale(self):
+        return self.scale() if callable(self.scale) else self.scale
 
 
 @dataclass
@@ -157,7 +161,7 @@ class BlockGraph:
         y = results[self.outputs[0]] if len(self.outputs) == 1 else torch.cat([results[i] for i in self.outputs], 1)
         if self.head is not None:
             head = self.head
-            y = head.conv(y) * head.scale + (x if head.shortcut is None else head.shortcut(x))
+            y = head.conv(y) * head.current_scale() + (x if head.shortcut is None else head.shortcut(x))
             if head.bn is not None:
                 y = head.bn(y)
             if head.relu:
@@ -240,7 +244,7 @@ def head_scale_shift(head, device):
     bn(s * (up + up_bias) + sc) = (a s) up + (a s up_bias + b) + a sc, and a sc is what the
     shortcut's problem stores. Computed in float64."""
     cout = head.out_channels
-    s = float(head.scale)
+    s = float(head.current_scale())
 
     def bias(conv):
         if conv is not None and conv.bias is not None:
@@ -473,10 +477,18 @@ class Plan:
 
 
 def output_memory_format(x):
-    """The memory format eager convolutions return for x: channels_last iff x is channels_last."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+    """The memory format eager convolutions return for x: channels_last when x's strides are
+    ordered as channels_last's (ATen's suggest_memory_format: a channel slice of a channels_last
+    tensor too), unless x is also plain contiguous (an N x C x 1 x 1 map is both)."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    sizes, strides = x.shape, x.stride()
+    least = 0
+    for d in (1, 3, 2, 0):  # (ATen's is_channels_last_strides_2d_s4)
+        if sizes[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]) or strides[1] == 0:
+            return torch.contiguous_format
+        least = strides[d] * max(sizes[d], 1)
+    return torch.channels_last
 
 
 def geometry_of(graph):
@@ -568,7 +580,7 @@ def check_graph(graph):
         elif head.conv.out_channels != graph.in_channels:
             raise UnsupportedBlock(f"residual head: conv gives {head.conv.out_channels} channels, "
                                    f"the block input has {graph.in_channels}")
-        if isinstance(head.scale, torch.Tensor) and head.scale.numel() != 1:
+        if isinstance(head.current_scale(), torch.Tensor) and head.current_scale().numel() != 1:
             raise UnsupportedBlock("residual head: the scale is a tensor of more than one element")
 
 
@@ -654,7 +666,7 @@ def build_layout(graph):
                    bn=int(graph.head.bn is not None))
         # A buffer scale is read here, when the layout is built, not per forward.
         stages.append([Problem(("head",), (conv,), (graph.head.bn,), (cout,), dict(ROW_DEFAULTS, **row),
-                               kh * kw * cat_channels, float(graph.head.scale))])
+                               kh * kw * cat_channels, float(graph.head.current_scale()))])
     return Layout(stages=stages, out_channels=cat_channels if head is None else graph.head.out_channels,
                   mid_channels=mid_channels, geometry=geometry_of(graph), outputs=list(graph.outputs),
                   mid_nodes=sorted(mid_c) + (list(graph.outputs) if head else []), head=head)

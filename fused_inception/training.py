@@ -462,8 +462,12 @@ class TrainFunction(torch.autograd.Function):
     """A block's training forward (fused) and backward (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, plan, group, memory_format, centers, x, *params):
+    def forward(ctx, plan, group, memory_format, bns, centers, x, *params):
         out, raw_out, raw_mid, saved = forward(plan, x, params, centers, group, memory_format)
+        # The running statistics are updated here, inside the function, as a BatchNorm's own op
+        # does: a non-reentrant checkpoint's recompute, which stops once the block's tensors are
+        # saved again, updates them a second time, as it does eager BatchNorms'.
+        update_running_stats(bns, saved)
         ctx.plan, ctx.group = plan, group
         ctx.save_for_backward(x, raw_out, raw_mid, saved, out if plan.reads_out else None, *params)
         ctx.mark_non_differentiable(saved)
@@ -478,5 +482,5 @@ class TrainFunction(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(raw_out)
         dx, weight_grads, bias_grads, sums = backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out,
-                                                      ctx.group, ctx.needs_input_grad[4])
-        return (None, None, None, None, dx, *plan.param_grads(params, weight_grads, bias_grads, sums))
+                                                      ctx.group, ctx.needs_input_grad[5])
+        return (None, None, None, None, None, dx, *plan.param_grads(params, weight_grads, bias_grads, sums))

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import DEVICE, least_shifts
-from fused_inception import blocks, count_launches
+from fused_inception import count_launches, program
 from fused_inception.models import googlenet
 
 STEPS = 3
@@ -90,7 +90,7 @@ def states(*models):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="float64 through the kernels runs in the interpreter")
 def test_three_sgd_steps_float64_follow_torchvision(monkeypatch):
-    monkeypatch.setattr(blocks, "_KERNEL_DTYPES", blocks._KERNEL_DTYPES + (torch.float64,))
+    monkeypatch.setattr(program, "KERNEL_DTYPES", program.KERNEL_DTYPES + (torch.float64,))
     reference, fused = models(torch.float64)
     data = batches(32, torch.float64)
     ref_losses, _ = train(reference, data)
