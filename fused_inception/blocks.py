@@ -25,6 +25,8 @@ the tensors its modules hold, read at call time, so `torch.func.functional_call`
 `torch.utils.swap_tensors` are seen).
 """
 
+import threading
+
 import torch
 from torch import fx, nn
 import torch.autograd.forward_ad as _forward_ad
@@ -37,6 +39,7 @@ from fused_inception.program import BlockProgram, Route, compute_dtype, eager_gr
 from fused_inception.watch import Watch
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_REFRESHING = threading.RLock()  # a block catching up with a change (rare): one at a time
 
 
 def check_input(x, in_channels, like, name):
@@ -103,7 +106,8 @@ class FusedBlock(nn.Module):
 
     def _init_fused(self, recipe=None):
         self._recipe = recipe if recipe is not None else self._trace_recipe()
-        self._program = BlockProgram(self._recipe, self)
+        self._program = BlockProgram(self._recipe, self, self._fingerprint_root())
+        self._in_channels = self._program.in_channels
         self._watch = Watch(self, self._fingerprint_root())
         self._broken = None  # why a change made the block unfusable (it then runs eagerly)
         self._fast = None  # (dtype, device, device type) of the last plain eval forward: see forward
@@ -115,16 +119,24 @@ class FusedBlock(nn.Module):
         return self  # the module whose forward was traced
 
     def _refresh(self):
-        """Catch up with changes made to the block since its program was built (see watch.py)."""
-        change, self._watch = self._watch.refresh(self, self._fingerprint_root())
-        if change is None or self._watch.reason is not None:
+        """Catch up with changes made to the block since its program was built (see watch.py):
+        the new program is in place before the new snapshot, so a concurrent forward that sees
+        the snapshot current runs the program that goes with it."""
+        if self._watch.current():
             return
-        try:
-            if change == "retrace":
-                self._recipe = self._trace_recipe()
-            self._program, self._broken = BlockProgram(self._recipe, self), None
-        except (UnsupportedBlock, NotABlock) as e:
-            self._broken = f"changed after it was built, it can't be fused any more: {e}"
+        with _REFRESHING:
+            if self._watch.current():
+                return  # (another thread did it)
+            change, watch = self._watch.diff(self, self._fingerprint_root())
+            if change is not None and watch.reason is None:
+                try:
+                    if change == "retrace":
+                        self._recipe = self._trace_recipe()
+                    self._program, self._broken = BlockProgram(self._recipe, self, self._fingerprint_root()), None
+                except (UnsupportedBlock, NotABlock) as e:
+                    self._broken = f"changed after it was built, it can't be fused any more: {e}"
+            self._fast = None
+            self._watch = watch
 
     def __getstate__(self):  # copy.deepcopy and pickling: the program is rebuilt for the copy
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
@@ -134,7 +146,20 @@ class FusedBlock(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._init_fused(self._recipe)
+        try:
+            self._init_fused(self._recipe)
+        except (UnsupportedBlock, NotABlock) as e:  # a copy of a block a change made unfusable: eager too
+            self._program, self._fast = None, None
+            self._watch = Watch(self, self._fingerprint_root())
+            self._broken = self._broken or f"changed after it was built, it can't be fused any more: {e}"
+
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel's replica shares this block's __dict__ (its program reads this block's
+        # tensors, on the first device): the replica runs its eager graph on its own tensors.
+        replica = super()._replicate_for_data_parallel()
+        replica._program, replica._fast = None, None
+        replica._broken = "a DataParallel replica runs the eager graph (DistributedDataParallel runs the kernels)"
+        return replica
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): plans for the new tensors
         result = super()._apply(fn, recurse)
@@ -144,10 +169,15 @@ class FusedBlock(nn.Module):
     def eager_forward(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _current_program(self):
+        self._refresh()
+        if self._program is None:
+            raise UnsupportedBlock(self._broken)
+        return self._program
+
     def graph(self):
         """The block's `plan.BlockGraph` over its current submodules."""
-        self._refresh()
-        return self._program.graph
+        return self._current_program().graph
 
     @property
     def launches(self):
@@ -160,21 +190,20 @@ class FusedBlock(nn.Module):
     def invalidate_plan(self):
         """Drop the cached plans (rebuilt on the next fused forward): after writing to a
         parameter or buffer through `.data` in place (which no version counter sees)."""
-        self._program.invalidate()
-        self._program.invalidate_training()
+        if self._program is not None:
+            self._program.invalidate()
+            self._program.invalidate_training()
         self._fast = None
 
     def plan(self, dtype=None):
         """The current inference plan for this block's parameters, computing in `dtype`
         (default: the parameters'), built or taken from the cache."""
-        self._refresh()
-        like = self._tracked_params()[0]
-        return self._program.plan(dtype or like.dtype, like.device)
+        program, like = self._current_program(), self._tracked_params()[0]
+        return program.plan(dtype or like.dtype, like.device)
 
     def train_plan(self, dtype, device):
         """The training plan for inputs of `dtype` on `device` (built or taken from the cache)."""
-        self._refresh()
-        return self._program.train_plan(dtype, device)
+        return self._current_program().train_plan(dtype, device)
 
     def _run_program(self, x):
         return self._program.run(x.to(compute_dtype(x)))  # (x.to keeps the memory format)
@@ -205,7 +234,7 @@ class FusedBlock(nn.Module):
         if (not compiling or torch.compiler.is_exporting()) and torch.onnx.is_in_onnx_export():
             return Route.EAGER, "ONNX export records the eager graph (ONNX has no fused-kernel operator)"
         reason = self._watch.reason or self._watch.hooks_reason() or self._broken
-        if reason is not None:
+        if reason is not None:  # (a block without a program is broken: the reason says why)
             return Route.EAGER, reason
         return self._program.route(x, self.training, compiling)
 
@@ -217,7 +246,7 @@ class FusedBlock(nn.Module):
         # transforms), in a few microseconds: the same input dtype, device and channels as the
         # last one, nothing changed in the block, the plan current for the tensors it holds.
         if (fast is not None and type(x) is torch.Tensor and x.dtype is fast[0] and x.device == fast[1]
-                and x.dim() == 4 and x.shape[1] == self._program.in_channels and not torch.is_grad_enabled()
+                and x.dim() == 4 and x.shape[1] == self._in_channels and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled(fast[2]) and self._watch.unchanged()
                 and torch._C._get_tracing_state() is None and not _is_functorch_wrapped(x)
                 and _forward_ad._current_level < 0):
@@ -226,7 +255,7 @@ class FusedBlock(nn.Module):
                 return plan.run(x)
         self._fast = None
         if not isinstance(x, fx.Proxy):
-            check_input(x, self._program.in_channels, self._tracked_params()[0], type(self).__name__)
+            check_input(x, self._in_channels, self._tracked_params()[0], type(self).__name__)
         route = self.route(x)  # (which catches up with changes made to the block first)
         if route is Route.EAGER:
             return self.eager_forward(x)
@@ -251,7 +280,9 @@ class FusedBlock(nn.Module):
         """forward under torch.compile / torch.export: the same route, each fused path one opaque
         custom op (inference: the fused forward; training: the fused forward and backward,
         registered with torch.library)."""
-        check_input(x, self._program.in_channels, next(self.parameters()), type(self).__name__)
+        check_input(x, self._in_channels, next(self.parameters()), type(self).__name__)
+        if not torch.compiler.is_dynamo_compiling():  # torch.export runs this as Python: catch up
+            self._refresh()
         route, program = self.route(x, compiling=True), self._program
         if route is Route.EAGER:
             return self.eager_forward(x)
@@ -284,7 +315,8 @@ def build_plans(model, dtype=None, example=None):
     for block in blocks:
         block.plan(dtype)
         if block.training:  # and the training plan, for the dtype the kernels would compute in
-            block.train_plan(dtype or block._like.dtype, block._like.device)
+            like = block._tracked_params()[0]
+            block.train_plan(dtype or like.dtype, like.device)
     if example is not None and example.is_cuda and not model.training:
         with torch.no_grad():
             model(example)

@@ -10,11 +10,12 @@ Data flows one way:
 
 `ops.py` (torch.compile's custom ops) reaches programs by id through `lookup`, never modules.
 
-A program holds references to the block's submodules (through its `BlockGraph`), not to the
-block. The block makes a new program when its structure changes (a submodule replaced, a
-geometry attribute changed); the program rebuilds a plan when the values it folded change
-(in-place updates bump tensor versions: optimizer steps, load_state_dict, running statistics;
-`.to()` and `.data =` change data pointers).
+A program holds references to the block's submodules (through its `BlockGraph`) and a weak one
+to the block. The block makes a new program when its structure changes (see watch.py); the
+program rebuilds a plan when a tensor it could fold changes: another tensor in a slot
+(functional_call, swap_tensors, assignment) or an in-place update (a version bump: optimizer
+steps, load_state_dict, running statistics). Writes through `.data` (in place, or `.data =`,
+as `torch.nn.utils.vector_to_parameters` does) change neither: `invalidate_plan()` after them.
 """
 
 import contextlib
@@ -83,6 +84,19 @@ def tensor_slots(module):
             for name, t in d.items() if t is not None and name != "num_batches_tracked"]
 
 
+def _plain_tensor_scale(recipe, root):
+    """[(the holder's __dict__, name)] for a residual scale held as a plain tensor attribute (not
+    a buffer: no slot of tensor_slots holds it), else []."""
+    scale = recipe.head.scale if recipe.head is not None else None
+    if not isinstance(scale, str):
+        return []
+    path, _, name = scale.rpartition(".")
+    holder = root.get_submodule(path)
+    if name in holder._buffers or name in holder._parameters or not isinstance(holder.__dict__.get(name), torch.Tensor):
+        return []
+    return [(holder.__dict__, name)]
+
+
 class BlockProgram:
     """What a fused block runs: built from its traced recipe over its current submodules.
 
@@ -92,8 +106,9 @@ class BlockProgram:
     ((BatchNorm, first column, last column) per BatchNorm).
     """
 
-    def __init__(self, recipe, module):
-        graph = recipe.graph(module)
+    def __init__(self, recipe, module, root=None):
+        root = module if root is None else root  # (the module whose forward was traced: its attributes)
+        graph = recipe.graph(root)
         check_graph(graph)  # an unfusable block fails here, not at its first forward
         self.recipe = recipe
         self.graph = graph
@@ -110,7 +125,7 @@ class BlockProgram:
         # Every parameter and buffer slot of the block's modules, (dict, names): the plan folds
         # tensors from these and from nothing else, and the stamp reads what they hold at call time.
         grouped = {}
-        for d, name in tensor_slots(module):
+        for d, name in tensor_slots(module) + _plain_tensor_scale(recipe, root):
             grouped.setdefault(id(d), (d, []))[1].append(name)
         self._slots = tuple((d, tuple(names)) for d, names in grouped.values())
         self._plans = {}  # compute dtype -> (stamp, Plan, the stamped tensors)
@@ -128,16 +143,17 @@ class BlockProgram:
     def _stamp(tensors):
         try:  # (versions only grow: their sum changes when one does, for the same tensors)
             return sum(map(_VERSION, tensors)), tuple(map(_IMPL, tensors))
-        except RuntimeError:  # tensors made under torch.inference_mode have no version counter
-            return tuple(t.data_ptr() if t.is_inference() else t._version for t in tensors), tuple(map(_IMPL, tensors))
+        except RuntimeError:  # tensors made under torch.inference_mode have no version counter:
+            return object()  # nothing tells an update in place, so no plan is current for them
 
     def stamp(self):
         """What the inference plans are derived from, besides the structure (which the block
         watches): which tensor every parameter and buffer slot holds now (`torch.func.functional_call`
         and `torch.utils.swap_tensors` change that; assignment too) and its version, bumped by every
         in-place update (optimizer steps, load_state_dict, running statistics). Tensors made
-        under torch.inference_mode have no version counter (and can't be updated in place outside
-        it): their data pointer. Writes through `.data` need `invalidate_plan()`."""
+        under torch.inference_mode have no version counter: no plan is current for them (rebuilt
+        on every call). Writes through `.data` need `invalidate_plan()`: no version or identity
+        tells them (the data pointer would tell `.data =`, at 1.5 us more per forward)."""
         return self._stamp(self.held())
 
     def plan(self, dtype, device):
@@ -159,8 +175,8 @@ class BlockProgram:
             try:  # (self._stamp inline: this is most of a cached forward's host time)
                 if cached[0] == (sum(map(_VERSION, held)), tuple(map(_IMPL, held))):
                     return cached[1]
-            except (RuntimeError, AttributeError):  # (a slot set to None: the slow path says why)
-                pass
+            except (RuntimeError, AttributeError, KeyError):  # (inference tensors, a slot emptied or
+                pass  # deleted: the slow path sorts it out)
         return None
 
     def run(self, x, memory_format=None):

@@ -2,7 +2,7 @@
 
 A `FusedBlock` recognises its graph once (torch.fx, `pattern.recipe_of`) when it is built or
 fused. Users may change a block afterwards in many ways; each is seen here and sorted by what it
-needs (`Watch.refresh`):
+needs (`Watch.diff`):
 
 - `retrace`: a submodule of another name or class, a plain attribute of a module the trace went
   through (e.g. a residual scale held as a Python float, a `no_relu` flag): the recipe may differ,
@@ -79,7 +79,8 @@ class Watch:
     """A snapshot of a fused block's inner modules (`named`: (qualified name, module), the block
     itself excluded) and of what its program was built from.
 
-    `unchanged()` is the forward's fast test (a few microseconds); `refresh()` says what changed.
+    `unchanged()` is the forward's fast test (a few microseconds), `current()` the slow path's;
+    `diff()` says what changed.
     `reason` is why the block must run eagerly whatever the input (hooks, parametrizations), or
     None.
     """
@@ -112,15 +113,27 @@ class Watch:
         self.values = self.read()
         self.code_values, self.geometry_values = _read(self.code), _read(self.geometry)
         self.hooks = tuple(getattr(m, attr) for m in modules for attr, _ in _HOOKS) + _GLOBAL_HOOKS
+        # Deleting a submodule, parameter or buffer (`del`, Sequential.pop) registers nothing:
+        # the dictionaries' sizes tell. (The forward's fast test counts submodules only: a
+        # deleted parameter or buffer already fails the plan's stamp.)
+        self.containers = tuple(m._modules for m in [block, *modules] if m._modules)
+        self.dicts = self.containers + tuple(d for m in modules for d in (m._parameters, m._buffers) if d)
+        self.modules_size, self.size = sum(map(len, self.containers)), sum(map(len, self.dicts))
         self.reason = self._reason()
 
     def read(self):
         return list(map(operator.call, self.getters, self.objects))
 
     def unchanged(self):
-        """True if nothing was registered anywhere, no watched attribute changed and no hook exists."""
+        """The forward's fast test: nothing registered anywhere, no watched attribute changed, no
+        submodule deleted, no hook."""
         return (self.generation == _generation[0] and self.read() == self.values
-                and not any(self.hooks))
+                and sum(map(len, self.containers)) == self.modules_size and not any(self.hooks))
+
+    def current(self):
+        """True if nothing that the program was built from can have changed since this snapshot."""
+        return (self.generation == _generation[0] and self.read() == self.values
+                and sum(map(len, self.dicts)) == self.size)
 
     def hooks_reason(self):
         """Why hooks make the block run eagerly, naming the first one; None without hooks."""
@@ -138,11 +151,9 @@ class Watch:
                 return f"{name} is parametrized (torch.nn.utils.parametrize): the eager graph computes its weights"
         return None
 
-    def refresh(self, block, root):
-        """What changed since this snapshot: None, "retrace" or "rebuild" (see the module
-        docstring); the watch is up to date afterwards (`self` or a new Watch)."""
-        if self.generation == _generation[0] and self.read() == self.values:
-            return None, self
+    def diff(self, block, root):
+        """(change, new snapshot): what changed since this one, None, "retrace" or "rebuild" (see
+        the module docstring)."""
         new = Watch(block, root)
         if new.shape != self.shape or new.code_values != self.code_values:
             return "retrace", new

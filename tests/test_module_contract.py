@@ -444,3 +444,62 @@ def test_a_block_under_two_names_is_fused_once_under_both():
     holder.b = block
     fuse(holder)
     assert holder.a is holder.b and type(holder.a).__name__ == "FusedGraphBlock"
+
+
+# Found by review: changes seen whoever looks first, deletions, copies, odd holders ------------------
+
+
+def test_a_change_probed_before_the_next_forward(x):
+    """route()/graph() catching up with a change must not leave the forward's fast path on the
+    old program (a conv given dilation 2: unfusable, eager from then on)."""
+    reference, fused = pair(23)
+    with torch.no_grad():
+        fused(x)
+        fused(x)  # (the fast path is armed)
+        for model in (reference, fused):
+            model.branch2[1].conv.dilation, model.branch2[1].conv.padding = (2, 2), (2, 2)
+        assert "dilation" in fused.eager_reason(x)
+        same(fused(x), reference(x), "after the probe")
+        copied = copy.deepcopy(fused)  # a copy of a block a change made unfusable: eager as well
+        assert copied.route(x) is Route.EAGER
+        same(copied(x), reference(x), "deep copy")
+
+
+def test_deleted_submodule_and_build_plans_in_train(x):
+    reference, fused = pair(24)
+    with torch.no_grad():
+        fused(x)
+        fused(x)
+        for model in (reference, fused):
+            model.branch4.pop(0)  # (no registration hook fires for a deletion)
+        same(fused(x), reference(x), "pool deleted")
+    from fused_inception import build_plans
+
+    assert build_plans(fused.train()) == 1
+
+
+def test_residual_scale_as_a_plain_tensor_attribute():
+    block = randomize_(FunctionalProjectionBlock(), 25).eval()
+    scale = block.scale
+    del block.scale
+    block.scale = scale  # a plain attribute now, not a buffer
+    reference = copy.deepcopy(block)
+    model = fuse(nn.Sequential(block))[0]
+    x = torch.randn(2, 24, 5, 5)
+    with torch.no_grad():
+        same(model(x), reference(x))
+        for m in (reference, model[0]._original):
+            m.scale.fill_(-0.5)
+        same(model(x), reference(x), "scale changed in place")
+
+
+def test_parameters_made_and_loaded_under_inference_mode():
+    with torch.inference_mode():
+        reference = randomize_(Inception(*ARGS), 26).eval()
+        fused = fuse(nn.Sequential(copy.deepcopy(reference)))[0][0]
+        x = torch.randn(2, 24, 5, 5)
+        same(fused(x), reference(x))
+        state = randomize_(Inception(*ARGS), 27).state_dict()
+        for model in (reference, fused):
+            model.load_state_dict(state)  # in place, on tensors without a version counter
+        same(fused(x), reference(x), "loaded")
