@@ -32,9 +32,9 @@ from torch import fx, nn
 import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
-from fused_inception import ops, training
+from fused_inception import ops
 from fused_inception.pattern import NotABlock, recipe_of
-from fused_inception.plan import UnsupportedBlock, output_memory_format
+from fused_inception.plan import UnsupportedBlock
 from fused_inception.program import BlockProgram, Route, compute_dtype, eager_gradients
 from fused_inception.watch import Watch
 
@@ -79,7 +79,7 @@ class _EvalFunction(torch.autograd.Function):
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
         ctx.save_for_backward(x, *tensors)  # saved: autograd refuses a backward after in-place updates
-        return block._run_program(x)
+        return block._program.run(x.to(compute_dtype(x)))
 
     @staticmethod
     def backward(ctx, grad):
@@ -205,9 +205,6 @@ class FusedBlock(nn.Module):
         """The training plan for inputs of `dtype` on `device` (built or taken from the cache)."""
         return self._current_program().train_plan(dtype, device)
 
-    def _run_program(self, x):
-        return self._program.run(x.to(compute_dtype(x)))  # (x.to keeps the memory format)
-
     def eager_reason(self, x, compiling=False):
         """Why forward(x) would run the eager graph now (a sentence), or None when it runs the
         fused kernels. `compiling`: under torch.compile / torch.export (see `route`)."""
@@ -259,43 +256,23 @@ class FusedBlock(nn.Module):
         route = self.route(x)  # (which catches up with changes made to the block first)
         if route is Route.EAGER:
             return self.eager_forward(x)
-        if route is Route.TRAIN:
-            return self._train_forward(x)
         if route is Route.EVAL_GRAD:
             return _EvalFunction.apply(self, x, *self._program.held())
-        if compute_dtype(x) is x.dtype:
+        if route is Route.EVAL and compute_dtype(x) is x.dtype:
             self._fast = (x.dtype, x.device, x.device.type)
-        return self._run_program(x)
-
-    def _train_forward(self, x):
-        """The fused training forward (batch statistics, running-stat updates, autograd)."""
-        program = self._program
-        dtype = compute_dtype(x)
-        plan = program.train_plan(dtype, x.device)
-        out, _ = training.TrainFunction.apply(plan, program.sync_group(), output_memory_format(x), program.train_bns,
-                                              program.running_means(), x.to(dtype), *program.train_params())
-        return out
+        return self._program.forward(route, x.to(compute_dtype(x)))  # (x.to keeps the memory format)
 
     def _traced_forward(self, x):
         """forward under torch.compile / torch.export: the same route, each fused path one opaque
-        custom op (inference: the fused forward; training: the fused forward and backward,
-        registered with torch.library)."""
+        custom op (ops.compiled_forward)."""
         check_input(x, self._in_channels, next(self.parameters()), type(self).__name__)
         if not torch.compiler.is_dynamo_compiling():  # torch.export runs this as Python: catch up
             self._refresh()
-        route, program = self.route(x, compiling=True), self._program
+        route = self.route(x, compiling=True)
         if route is Route.EAGER:
             return self.eager_forward(x)
         dtype = compute_dtype(x)
-        if dtype is not x.dtype:
-            x = x.to(dtype)
-        if route is Route.TRAIN:
-            out, _, _, saved = ops.block_train_forward(x, program.train_params(), program.running_means(), program.id)
-            training.update_running_stats(program.train_bns, saved)
-            return out
-        if route is Route.EVAL_GRAD:
-            return ops.block_eval_forward(x, program.held(), program.id)
-        return ops.block_forward(x, program.id)
+        return ops.compiled_forward(self._program, route, x if dtype is x.dtype else x.to(dtype))
 
 
 def build_plans(model, dtype=None, example=None):

@@ -28,7 +28,22 @@ from typing import List, Tuple
 import torch
 
 from fused_inception.plan import output_memory_format, output_shape
-from fused_inception.program import eager_gradients, lookup
+from fused_inception.program import Route, eager_gradients, lookup
+
+
+def compiled_forward(program, route, x):
+    """A fused block's forward under torch.compile / torch.export on `route` (EVAL, EVAL_GRAD or
+    TRAIN; x already in the compute dtype): one custom op below, and in training the running
+    statistics updated by traced torch ops from its `saved` output."""
+    if route is Route.TRAIN:
+        from fused_inception import training
+
+        out, _, _, saved = block_train_forward(x, program.train_params(), program.running_means(), program.id)
+        training.update_running_stats(program.train_bns, saved)
+        return out
+    if route is Route.EVAL_GRAD:
+        return block_eval_forward(x, program.held(), program.id)
+    return block_forward(x, program.id)
 
 
 @torch.library.custom_op("fused_inception::block_forward", mutates_args=())

@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fused_inception import norms, training
 from fused_inception.kernels import conv as kconv
-from fused_inception.plan import build_plan, check_graph
+from fused_inception.plan import build_plan, check_graph, output_memory_format
 
 _VERSION = operator.attrgetter("_version")
 _IMPL = operator.attrgetter("_cdata")  # the C++ tensor: torch.utils.swap_tensors changes it, not id()
@@ -182,6 +182,16 @@ class BlockProgram:
     def run(self, x, memory_format=None):
         """The fused eval forward of x (already in the compute dtype): the block output."""
         return self.plan(x.dtype, x.device).run(x, memory_format)
+
+    def forward(self, route, x):
+        """The fused forward of x (already in the compute dtype) on `route` (EVAL or TRAIN; in
+        training: batch statistics, running-statistics updates, autograd)."""
+        if route is not Route.TRAIN:
+            return self.run(x)
+        plan = self.train_plan(x.dtype, x.device)
+        out, _ = training.TrainFunction.apply(plan, self.sync_group(), output_memory_format(x), self.train_bns,
+                                              self.running_means(), x, *self.train_params())
+        return out
 
     def route(self, x, training, compiling=False):
         """(Route, reason): how the block computes x now, in `training` mode, under torch.compile
