@@ -5,6 +5,7 @@ Public API:
     fuse(model) -- find Inception-style blocks in any model by their dataflow and swap fused ones in
     models.googlenet, models.inception_v3 -- whole networks built from them
     count_launches -- context manager counting fused kernel launches
+    Route -- what FusedBlock.route(x) returns: how a forward computes (EAGER, EVAL, EVAL_GRAD, TRAIN)
 
 Set TRITON_INTERPRET=1 before importing to run the kernels on CPU tensors through Triton's
 interpreter (slow; for tests). Without it, CPU tensors take the eager fallback.
@@ -17,9 +18,10 @@ from fused_inception.blocks import (BasicConv2d, FusedBasicConv2d, FusedBlock, F
 from fused_inception.fuse import FuseReport, fuse
 from fused_inception.launches import LaunchCount, count_launches
 from fused_inception.plan import UnsupportedBlock
+from fused_inception.program import Route
 
 __all__ = ["BasicConv2d", "FuseReport", "FusedBasicConv2d", "FusedBlock", "FusedGraphBlock", "FusedInception",
            "FusedInceptionA", "FusedInceptionAux", "FusedInceptionB", "FusedInceptionC", "FusedInceptionD",
-           "FusedInceptionE", "InceptionAux", "LaunchCount", "UnsupportedBlock", "build_plans", "count_launches", "fuse",
+           "FusedInceptionE", "InceptionAux", "LaunchCount", "Route", "UnsupportedBlock", "build_plans", "count_launches", "fuse",
            "models"]
 __version__ = "0.1.0"
