@@ -6,8 +6,9 @@
   program)`, whose fake (meta) implementation gives the output's shape and memory format;
 - eval mode while autograd records (`torch.export.export(model.eval(), (x,))` with grad enabled,
   compiling a model whose parameters require grad): `fused_inception::block_eval_forward(x,
-  params, program)`, the same forward, with an autograd formula (`block_eval_backward`: the
-  block's eager graph recomputed), so the exported or compiled graph keeps one fused op per block;
+  tensors, program)`, the same forward, with an autograd formula (`block_eval_backward`: the
+  block's eager graph recomputed with `tensors` in its slots), so the exported or compiled graph
+  keeps one fused op per block;
 - training: `fused_inception::block_train_forward` and `fused_inception::block_train_backward`,
   joined by `register_autograd`. Both are functional: the running statistics are updated by
   traced torch ops (`_foreach_lerp_`) from the forward's `saved` output.
@@ -64,8 +65,9 @@ block_forward.register_fake(_output_like)
 # Eval mode with autograd recording (torch.export's default, torch.compile of a model whose
 # parameters require grad): the fused forward, and a backward that recomputes the block's eager
 # graph (eval BatchNorm is affine, nothing is updated), as _EvalFunction does in eager mode. The
-# parameters are inputs only so that autograd (and export) see what the output depends on; both
-# ops compute with the block's own current parameters, like block_forward.
+# block's parameters and buffers (`tensors`) are inputs so that autograd (and export) see what the
+# output depends on, and the backward recomputes with them; the forward, like block_forward, runs
+# the block's current plan (its own tensors: functional_call under torch.compile is not supported).
 
 
 @torch.library.custom_op("fused_inception::block_eval_forward", mutates_args=())
