@@ -20,7 +20,7 @@ Under torch.autocast (fp16/bf16) the kernels compute in the autocast dtype, as e
 convolutions do: the input is cast, weights are laid out in that dtype (one cached plan per
 compute dtype), accumulation and the folded BN stay fp32, and the output has the autocast dtype.
 
-A block follows changes made to it after it was built (`watch.py`: structure; `BlockProgram.stamp`:
+A block follows changes made to it after it was built (`watch.py`: structure; `BlockProgram._stamp`:
 the tensors its modules hold, read at call time, so `torch.func.functional_call` and
 `torch.utils.swap_tensors` are seen).
 """

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from fused_inception import norms
 from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, ResidualHead, UnsupportedBlock, depths_of
+from fused_inception.watch import has_hooks
 
 
 class NotABlock(Exception):
@@ -101,11 +102,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m, qualname):
         # (a module with hooks too: tracing through it would call them with fx proxies)
-        return is_layer(m) or _has_hooks(m)
-
-
-def _has_hooks(m):
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+        return is_layer(m) or has_hooks(m)
 
 
 def is_layer(module):

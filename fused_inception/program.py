@@ -141,12 +141,6 @@ class BlockProgram:
 
     @staticmethod
     def _stamp(tensors):
-        try:  # (versions only grow: their sum changes when one does, for the same tensors)
-            return sum(map(_VERSION, tensors)), tuple(map(_IMPL, tensors))
-        except RuntimeError:  # tensors made under torch.inference_mode have no version counter:
-            return object()  # nothing tells an update in place, so no plan is current for them
-
-    def stamp(self):
         """What the inference plans are derived from, besides the structure (which the block
         watches): which tensor every parameter and buffer slot holds now (`torch.func.functional_call`
         and `torch.utils.swap_tensors` change that; assignment too) and its version, bumped by every
@@ -154,7 +148,10 @@ class BlockProgram:
         under torch.inference_mode have no version counter: no plan is current for them (rebuilt
         on every call). Writes through `.data` need `invalidate_plan()`: no version or identity
         tells them (the data pointer would tell `.data =`, at 1.5 us more per forward)."""
-        return self._stamp(self.held())
+        try:  # (versions only grow: their sum changes when one does, for the same tensors)
+            return sum(map(_VERSION, tensors)), tuple(map(_IMPL, tensors))
+        except RuntimeError:  # (inference tensors: an object equal to no other stamp)
+            return object()
 
     def plan(self, dtype, device):
         """The inference plan computing in `dtype`, current for the tensors the block holds now."""
@@ -170,13 +167,11 @@ class BlockProgram:
         """The cached inference plan for `dtype` if it is current, else None (the forward's fast
         path: a stale plan is rebuilt on the slow path, after the route is decided)."""
         cached = self._plans.get(dtype)
-        if cached is not None:
-            held = [d[name] for d, names in self._slots for name in names]
-            try:  # (self._stamp inline: this is most of a cached forward's host time)
-                if cached[0] == (sum(map(_VERSION, held)), tuple(map(_IMPL, held))):
-                    return cached[1]
-            except (RuntimeError, AttributeError, KeyError):  # (inference tensors, a slot emptied or
-                pass  # deleted: the slow path sorts it out)
+        try:
+            if cached is not None and cached[0] == self._stamp(self.held()):
+                return cached[1]
+        except (AttributeError, KeyError):  # (a slot emptied or deleted: the slow path sorts it out)
+            pass
         return None
 
     def run(self, x, memory_format=None):

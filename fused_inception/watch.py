@@ -17,7 +17,7 @@ modules) and parametrizations (`torch.nn.utils.parametrize`, `weight_norm`) make
 its eager graph while they exist: the fused kernels can't call them. Pruning
 (`torch.nn.utils.prune`) is a forward pre-hook and is seen as one.
 
-Tensor values are not watched here: `program.BlockProgram.stamp` reads the tensors the module
+Tensor values are not watched here: `program.BlockProgram._stamp` reads the tensors the module
 holds at call time (identity and version).
 """
 
@@ -69,6 +69,11 @@ def _geometry_names(cls):
         if base in _GEOMETRY:
             return _GEOMETRY[base]
     return ("eps",) if norms.is_frozen_type(cls) else ()
+
+
+def has_hooks(m):
+    """True if module m itself has a forward, pre-forward or backward hook."""
+    return any(getattr(m, attr) for attr, _ in _HOOKS)
 
 
 def _hook_name(hook):
