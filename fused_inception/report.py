@@ -50,8 +50,39 @@ def informative_init_(model, seed=0):
     return model
 
 
+def stage_traffic(layout, x_shape, elem_size):
+    """Per stage of a plan's layout (`plan.layout`), (FLOPs, bytes) of one fused forward on an
+    input of x_shape: 2 * M * ncols * K per GEMM (M = output pixels); each problem reads its
+    source slice and its weights once and writes its result once, and a residual head also reads
+    what it adds (the block input or the shortcut's result). The fused half of `traffic`, per
+    stage: what bench/quick.py's stage profile sets each stage's time against.
+
+    Example:
+        >>> [(flops, nbytes)] = stage_traffic(block.plan().layout, (1, 192, 28, 28), 2)[:1]
+    """
+    n, _, h, w = x_shape
+    (oh, ow), (mh, mw) = layout.sizes(h, w)
+    sizes = {kconv.BUF_X: (h, w), kconv.BUF_OUT: (oh, ow), kconv.BUF_MID: (mh, mw)}  # per buffer (row src, dst0)
+    work = []
+    for problems in layout.stages:
+        flops = elems = 0
+        for p in problems:
+            row = p.row
+            ih, iw = sizes[row["src"]]
+            m = n * sizes[row["dst0"]][0] * sizes[row["dst0"]][1]
+            elems += n * row["cin"] * ih * iw + m * p.ncols
+            if p.gemm:
+                flops += 2 * m * p.ncols * p.k
+                elems += p.k * p.ncols
+            if row["res"] != kconv.RES_NONE:
+                elems += m * p.ncols
+        work.append((flops, elems * elem_size))
+    return work
+
+
 def traffic(block, x_shape, elem_size):
-    """(eager bytes, fused bytes) moved by one forward of a FusedBlock on an input of x_shape."""
+    """(eager bytes, fused bytes) moved by one forward of a FusedBlock on an input of x_shape
+    (the fused bytes: `stage_traffic` summed over the stages)."""
     graph, plan = block.graph(), block.plan()
     n, _, h, w = x_shape
     (oh, ow), _ = plan.sizes(h, w)
@@ -80,22 +111,8 @@ def traffic(block, x_shape, elem_size):
         eager += 2 * n_out * ((head.bn is not None) + head.relu)
         if head.shortcut is not None:  # the projection reads x, writes its result
             eager += n * graph.in_channels * h * w + head.shortcut.weight.numel() + n_out
-    fused = 0
-    for stage in plan.stages:
-        for ncols, k, members in zip(stage.ncols, stage.depth, stage.nodes):
-            if members == ("head",):  # reads the concatenation and x (or the shortcut's), writes the output
-                fused += cat_elems + 2 * n * ncols * oh * ow + k * ncols
-                continue
-            if members == ("shortcut",):  # reads x, writes its slice of mid
-                fused += n * graph.in_channels * h * w + k * ncols + n * ncols * oh * ow
-                continue
-            node = graph.nodes[members[0]]
-            src = node.src
-            ih, iw = (h, w) if src is None else hw[src]
-            cin = graph.in_channels if src is None else couts[src]
-            weights = k * ncols if node.conv is not None else 0
-            fused += n * cin * ih * iw + weights + n * ncols * hw[members[0]][0] * hw[members[0]][1]
-    return eager * elem_size, fused * elem_size
+    fused = sum(nbytes for _, nbytes in stage_traffic(plan.layout, x_shape, elem_size))
+    return eager * elem_size, fused
 
 
 def gpu_ms(fn):
