@@ -7,32 +7,13 @@ fp32, with --benchmark-disable (checks that the step runs and agrees; times mean
 import pytest
 import torch
 
-from cases import ON_GPU
+import cases
 from train_step import make_model, make_step, synthetic_batch
-from fused_inception import count_launches
-from fused_inception.launches import count_torch_kernels
 
-DEVICE = "cuda" if ON_GPU else "cpu"
-BATCH, SIZE = (64, 224) if ON_GPU else (2, 32)
-AMP = {"bf16": torch.bfloat16} if ON_GPU else {"fp32": None}
-IMPLS = ["eager", "compile", "fused"] if ON_GPU else ["eager", "fused"]
-
-
-def counted(step, impl):
-    """(loss, launches) of one step: Triton launches + torch kernels for eager/fused; the CUDA
-    profiler's kernel count for compiled code on a GPU."""
-    if impl != "compile":
-        with count_launches() as n, count_torch_kernels() as k:
-            loss = step()
-        return loss, n.value + k.value
-    if not ON_GPU:
-        return step(), None
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        loss = step()
-        torch.cuda.synchronize()
-    return loss, sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+DEVICE = cases.DEVICE
+BATCH, SIZE = (64, 224) if cases.ON_GPU else (2, 32)
+AMP = {"bf16": torch.bfloat16} if cases.ON_GPU else {"fp32": None}
+IMPLS = ["eager", "compile", "fused"] if cases.ON_GPU else ["eager", "fused"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -45,17 +26,18 @@ def test_googlenet_training_step(benchmark, impl, dtype):
     model = make_model(impl, DEVICE, channels_last=True, dropout=False)
     step = make_step(model, x, y, amp=AMP[dtype])
     first = step().item()
-    tolerance = 2e-2 if AMP[dtype] is not None else 1e-4
+    tolerance = cases.TOL[dtype]  # (both losses in the step's dtype)
     assert abs(first - reference_loss) <= tolerance * abs(reference_loss), (impl, first, reference_loss)
     benchmark.extra_info.update(impl=impl, network="googlenet-train", batch=BATCH, dtype=dtype,
                                 layout="channels_last", input=[BATCH, 3, SIZE, SIZE],
                                 first_loss=first, reference_first_loss=reference_loss)
-    if not ON_GPU:  # one more step (a fused one takes ~30 s in the interpreter), its launches counted
-        benchmark.extra_info["launches"] = benchmark.pedantic(counted, args=(step, impl), rounds=1)[1]
+    if not cases.ON_GPU:  # one more step (a fused one takes ~30 s in the interpreter), its launches counted
+        benchmark.extra_info["launches"] = benchmark.pedantic(cases.counted_run, args=(step, impl, DEVICE),
+                                                              rounds=1)[1]
         return
     for _ in range(3):  # warm-up: plans, autotuning, compilation
         step()
-    benchmark.extra_info["launches"] = counted(step, impl)[1]
+    benchmark.extra_info["launches"] = cases.counted_run(step, impl, DEVICE)[1]
     import triton.testing
 
     k = 5
