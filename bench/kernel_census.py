@@ -4,9 +4,10 @@
     python bench/kernel_census.py --compile 4          # + compile 4 of them for sm_90, timed
     python bench/kernel_census.py --compile all --jobs 16 --parts networks   # precompile (cache)
 
-The quick run's workloads (bench/quick.py `workloads`) run on the `meta` device with the
-library's launches recorded (`fused_inception.kernels.conv.recording`): shapes only, so whole
-networks at batch 256 cost nothing. Each launch's compilations (one per autotune config) are
+The quick run's workloads (`workloads`: what each part of bench/quick.py runs, with
+bench/cases.py's models and inputs) run on the `meta` device with the library's launches
+recorded (`fused_inception.kernels.conv.recording`): shapes only, so whole networks at batch
+256 cost nothing. Each launch's compilations (one per autotune config) are
 specialised by Triton's own JIT binder for an sm_90 target (`fused_inception.codegen`), so:
 compiles = distinct specialisations; autotune benchmarks = distinct (kernel, tuning key) pairs.
 
@@ -33,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+import cases  # noqa: E402
+import quick  # noqa: E402
 from fused_inception import codegen  # noqa: E402
 from fused_inception.kernels import conv as kconv  # noqa: E402
 
@@ -50,15 +53,44 @@ def _meta_autocast():
         setattr(torch, name, wrapper)
 
 
+def workloads(part, device="meta"):
+    """(description, zero-argument callable) pairs making the fused launches of quick.py's `part`,
+    as it makes them (dtypes, pinned configs, TF32 off for fp32); on `meta`: shapes only."""
+    bf16 = torch.bfloat16
+    if part == "smoke":
+        for name in cases.SMOKE:
+            for dtype_name, config in (("fp32", kconv.SMALLEST), ("bf16", None)):  # bf16: autotuned, all configs
+                def forward(name=name, dtype=cases.DTYPES[dtype_name], config=config):
+                    _, fused = cases.block_models(name, device, dtype)
+                    with cases.ieee_fp32(), cases.pinned(config):
+                        fused(cases.block_input(name, quick.SMOKE_BATCH, device, dtype))
+                yield f"{name} eval {dtype_name}", forward
+
+            def train(name=name):
+                _, fused = cases.block_models(name, device)
+                x = cases.block_input(name, 2, device, torch.float32).requires_grad_()
+                with cases.ieee_fp32(), cases.pinned(kconv.SMALLEST):
+                    fused.train()(x).sum().backward()
+            yield f"train {name}", train
+    elif part == "networks":
+        for network in cases.NETWORKS:
+            _, fused = cases.network_models(network, device, bf16)
+            for batch in quick.NETWORK_BATCHES:
+                yield f"{network} b{batch}", (lambda f=fused, n=network, b=batch: f(
+                    cases.network_input(n, b, device, bf16)))
+    elif part == "stages":
+        _, fused = cases.network_models("googlenet", device, bf16)
+        batch = quick.STAGES_BATCH
+        yield f"googlenet b{batch}", lambda: fused(cases.network_input("googlenet", batch, device, bf16))
+
+
 def record(parts, limit=None):
     """{part: [launch records]} of the quick run's workloads (the first `limit` of each part)."""
-    import quick
-
     _meta_autocast()
     out = {}
     for part in parts:
         out[part] = []
-        for what, run in itertools.islice(quick.workloads(part, device="meta"), limit):
+        for what, run in itertools.islice(workloads(part, device="meta"), limit):
             try:
                 with kconv.recording() as launches, (torch.no_grad() if not what.startswith("train")
                                                      else _nullcontext()):
@@ -143,8 +175,6 @@ def check_cache_hit(part="smoke"):
 
 
 def main(argv=None):
-    import quick
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default=",".join(quick.PARTS), help=f"comma-separated, of {quick.PARTS}")
     p.add_argument("--compile", default=None, help="compile N (or 'all') distinct specialisations for sm_90")

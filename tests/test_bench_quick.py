@@ -57,28 +57,46 @@ def tf32_flags_restored():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
-def test_nan_check_runs_each_pinned_config(tmp_path, monkeypatch, tf32_flags_restored):
-    """With kernels.conv.pin_config present, the NaN check runs once per requested config, pinned,
-    and unpins afterwards (fp32 eval and the training step run pinned to the last config);
-    without it, the record says so."""
+def test_smoke_pins_tile_configs_by_name(tmp_path, monkeypatch, capsys, tf32_flags_restored):
+    """The NaN check runs once per requested config, pinned by name, and unpins afterwards; eval
+    fp32 and the training step run pinned to kernels.conv.SMALLEST, eval bf16 autotuned. Past
+    its deadline every case is recorded as skipped; an unknown name is refused up front."""
     from fused_inception.kernels import conv as kconv
 
     quick = quick_module()
-    calls = []
-    monkeypatch.setattr(kconv, "pin_config", calls.append, raising=False)
-    part = quick.Part("smoke", str(tmp_path), device="cpu")
-    quick.run_smoke(part, ["irv2-block35"], "cpu", "0,2")
+    calls, pin = [], kconv.pin_config
+    monkeypatch.setattr(kconv, "pin_config", lambda name: (calls.append(name), pin(name)))
+    first, last, smallest = kconv.CONFIG_NAMES[0], kconv.CONFIG_NAMES[-1], kconv.SMALLEST
+    part = quick.Part("smoke", str(tmp_path))
+    quick.run_smoke(part, ["irv2-block35"], "cpu", [first, last])
     recs = {rec["case"]: rec for rec in records(tmp_path / "smoke.jsonl")}
-    assert recs["irv2-block35 nan-bf16 config 2"]["status"] == "ok", recs
-    assert recs["irv2-block35 nan-bf16 config 0"]["config_desc"].startswith("{'BLOCK_M'")
-    last = len(kconv.CONFIGS) - 1  # eval-fp32, eval-bf16 (autotuned), bf16 NaN per config, train
-    assert calls == [last, None, 0, None, 2, None, last, None], calls
-    monkeypatch.delattr(kconv, "pin_config")
-    part = quick.Part("smoke2", str(tmp_path), device="cpu", deadline=0.0)  # past its deadline
-    quick.run_smoke(part, ["irv2-block35"], "cpu", "all")
+    assert {r["status"] for r in recs.values()} == {"ok"}, recs
+    nan = recs[f"irv2-block35 nan-bf16 config {last}"]
+    assert nan["config"] == last and nan["nans"] == 0 and 0 < nan["err"] <= nan["tol"] == 2e-2
+    assert calls == [smallest, None, first, None, last, None, smallest, None], calls
+    part = quick.Part("smoke2", str(tmp_path), deadline=0.0)  # past its deadline
+    quick.run_smoke(part, ["irv2-block35"], "cpu", [first])
     recs = records(tmp_path / "smoke2.jsonl")
-    assert recs[0]["reason"].startswith("pin_config unavailable")
-    assert {r["status"] for r in recs[1:]} == {"skipped"} and recs[1]["reason"] == "deadline"
+    assert len(recs) == 4 and {(r["status"], r["reason"]) for r in recs} == {("skipped", "deadline")}
+    with pytest.raises(SystemExit) as e:
+        quick.main(["smoke", "--out", str(tmp_path), "--device", "cpu", "--configs", f"{first},3"])
+    assert e.value.code == 2 and "--configs: unknown ['3']" in capsys.readouterr().err
+
+
+def test_nan_check_fails_on_a_stage_not_run(tmp_path, monkeypatch, tf32_flags_restored):
+    """The NaN check can fail: without the last stage's launch the block output stays NaN."""
+    import torch
+
+    from fused_inception.plan import Plan
+
+    quick = quick_module()
+    stage_calls = Plan.stage_calls
+    monkeypatch.setattr(Plan, "stage_calls", lambda self, x, memory_format=None: (
+        lambda calls, out: (calls[:-1], out))(*stage_calls(self, x, memory_format)))
+    checked = quick.eval_check("irv2-block35", "cpu", 1, torch.bfloat16, nan_filled=True)
+    result = checked["result"]
+    assert not result["ok"] and result["nans"] > 0 and result["err"] == float("inf"), result
+    assert 0 < checked["eager_err"] < 2e-2
 
 
 def test_networks_and_stages_parts_on_cpu(tmp_path):
@@ -94,7 +112,32 @@ def test_networks_and_stages_parts_on_cpu(tmp_path):
     # inception3a at 32x32 input (4x4 maps), batch 1: stage 1 is the merged 1x1s (192 -> 64+96+16)
     # plus the pool branch's 1x1 (192 -> 32): 2 * 16 px * 192 * 208 FLOPs.
     assert stages[0]["gflop"] == pytest.approx(2 * 16 * 192 * 208 / 1e9)
+    # Bytes (bf16): x read by both problems, the 64+96+16+32 result columns written, the weights.
+    assert stages[0]["mb"] == pytest.approx(2 * (2 * 192 * 16 + 16 * 208 + 192 * 208) / 1e6)
     assert "sum of stages" in r.stdout
+
+
+def test_stage_traffic_of_a_residual_block():
+    """The stage profile's FLOPs and bytes (fused_inception.report.stage_traffic, which the fusion
+    report's `traffic` sums), counted by hand for Inception-ResNet-v2's Block35 at 7x7, batch 1,
+    bf16: per problem its source read, result written and weights read; the head also reads the
+    residual (x)."""
+    import torch
+
+    from fused_inception import fuse
+    from fused_inception.models.inception_resnet_v2 import Block35
+    from fused_inception.report import stage_traffic, traffic
+
+    block, _ = fuse(Block35(lambda n: n, scale=0.17).eval())
+    px = 49
+    elems = [320 * px + 96 * px + 320 * 96,  # the three 1x1s merged: 320 -> 32+32+32
+             (32 * px + 32 * px + 9 * 32 * 32) + (32 * px + 48 * px + 9 * 32 * 48),  # two 3x3s, separate sources
+             48 * px + 64 * px + 9 * 48 * 64,  # 3x3 48 -> 64
+             128 * px + 320 * px + 128 * 320 + 320 * px]  # head: 1x1 128 -> 320, plus the residual
+    flops = [2 * px * 96 * 320, 2 * px * 32 * 288 + 2 * px * 48 * 288, 2 * px * 64 * 432, 2 * px * 320 * 128]
+    work = stage_traffic(block.plan(torch.bfloat16).layout, (1, 320, 7, 7), 2)
+    assert work == [(f, 2 * e) for f, e in zip(flops, elems)]
+    assert traffic(block, (1, 320, 7, 7), 2)[1] == 2 * sum(elems)
 
 
 def test_gpu_run_sh_without_a_gpu(tmp_path):
