@@ -186,7 +186,7 @@ def smoke_table(res):
     for r in res.smoke:
         if "block" not in r:
             continue
-        check = r.get("check", "?") + (f" c{r['config']}" if r.get("config") is not None else "")
+        check = r.get("check", "?") + (f" {r['config']}" if r.get("config") is not None else "")  # a config name
         if check not in checks:
             checks.append(check)
         cell = r["status"] if r["status"] != "FAIL" else f"FAIL {r.get('err', 0):.1e}"

@@ -72,6 +72,7 @@ def test_report_on_a_partial_quick_run(tmp_path):
     assert "RuntimeError: FAKE error for the test" in text
     smoke = dict(zip(_row(text, "| block | eval"), _row(text, "| googlenet-3a |")))
     assert smoke["eval-fp32"] == "ok 1.0e-07" and smoke["eval-bf16"] == "FAIL 5.0e-01"
+    assert smoke["nan-bf16 m64n64k64w4s3"] == "ok 1.0e-02"  # a NaN check's column: the tile config's name
     assert _row(text, "| sum |")[3] == "1.500"  # the two stages that finished
     assert "googlenet b1 bf16 fused 40.0" in text  # first-call (compile+autotune) seconds, apart
 
