@@ -114,7 +114,7 @@ def tuning_key(kernel, args, consts):
     None for kernels that aren't autotuned."""
     if kernel is not kconv._stage_kernel:
         return None
-    names = [n for n in kernel.arg_names if n not in kconv._STAGE_META]  # (the runtime arguments)
+    names = [p.name for p in kernel.params if not p.is_constexpr]  # (a launch record's args: Triton's own list)
     values = dict(zip(names, args), **consts)
     return (tuple(str(values[k]) for k in kconv._TUNE_KEY)
             + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
