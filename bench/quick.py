@@ -185,15 +185,17 @@ def run_smoke(part, blocks, device, configs):
 def eval_check(name, device, batch, dtype, nan_filled=False):
     """Block `name` in `dtype` against the fp32 model: {result: cases.check's, eager_err,
     first_call_s}. nan_filled: stage by stage, the launches a forward makes (Plan.stage_calls),
-    into an output buffer filled with NaN first (a tile no launch writes stays NaN)."""
+    into output and intermediate buffers filled with NaN first (a tile no launch writes stays
+    NaN, or makes the later stages that read it NaN)."""
     ref, fused = cases.block_models(name, device)
     x = cases.block_input(name, batch, device, dtype)
     expected, eager_err = cases.yardstick(ref, cases.in_dtype(ref, dtype), x)
     fused = fused.to(dtype)
     with torch.no_grad():
         if nan_filled:
-            calls, y = fused.plan().stage_calls(x)
+            calls, y, mid = fused.plan().stage_calls(x)
             y.fill_(float("nan"))
+            mid.fill_(float("nan"))
             seconds = cases.first_call(lambda: [call() for call in calls], device)[1]
         else:
             y, seconds = cases.first_call(lambda: fused(x), device)
@@ -279,7 +281,7 @@ def run_stages(part, batch, size, device, only=None):
     for name, block in blocks:
         xin = inputs[name]
         plan = block.plan(dtype)
-        calls, _ = plan.stage_calls(xin)
+        calls, _, _ = plan.stage_calls(xin)
         with torch.no_grad():  # once in order, so that a later stage reads real intermediate results
             for call in calls:
                 call()

@@ -12,12 +12,12 @@ interpreter (slow; for tests). Without it, CPU tensors take the eager fallback.
 """
 
 from fused_inception import models
-from fused_inception.blocks import (BasicConv2d, FusedBasicConv2d, FusedBlock, FusedGraphBlock, FusedInception,
-                                    FusedInceptionA, FusedInceptionAux, FusedInceptionB, FusedInceptionC,
-                                    FusedInceptionD, FusedInceptionE, InceptionAux, build_plans)
+from fused_inception.blocks import FusedBlock, FusedGraphBlock, build_plans
+from fused_inception.dropins import (BasicConv2d, FusedBasicConv2d, FusedInception, FusedInceptionA, FusedInceptionAux,
+                                     FusedInceptionB, FusedInceptionC, FusedInceptionD, FusedInceptionE, InceptionAux)
 from fused_inception.fuse import FuseReport, fuse
 from fused_inception.launches import LaunchCount, count_launches
-from fused_inception.plan import UnsupportedBlock
+from fused_inception.graph import UnsupportedBlock
 from fused_inception.program import Route
 
 __all__ = ["BasicConv2d", "FuseReport", "FusedBasicConv2d", "FusedBlock", "FusedGraphBlock", "FusedInception",

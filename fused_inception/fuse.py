@@ -21,7 +21,7 @@ from torch import nn
 
 from fused_inception.blocks import FusedBlock, FusedGraphBlock
 from fused_inception.pattern import NotABlock, UnsupportedUnit, is_layer, recipe_of
-from fused_inception.plan import UnsupportedBlock, check_graph
+from fused_inception.graph import UnsupportedBlock, check_graph
 from fused_inception.watch import Watch
 
 
@@ -86,11 +86,11 @@ def fuse(model, inplace=True):
     """Replace every Inception-style block of `model` by a fused module; returns (model, report).
 
     A block is recognised by its dataflow, not its class: one input; branches of
-    Conv2d -> BatchNorm? -> ReLU? chains (any wrapper modules, nn.Sequential, F.relu /
-    torch.relu / nn.ReLU, in place or not, conv bias on or off, any BN eps; BatchNorm2d,
-    SyncBatchNorm, timm's BatchNormAct2d, frozen BatchNorms: see `norms`) starting from the input
+    Conv2d -> BatchNorm? -> activation? chains (any wrapper modules, nn.Sequential; ReLU, ReLU6,
+    LeakyReLU, SiLU, GELU or Hardswish as modules or functions, in place or not; conv bias on or
+    off, any BN eps; BatchNorm2d, SyncBatchNorm, timm's BatchNormAct2d, frozen BatchNorms: see `norms`) starting from the input
     or from a max/avg pool of it, possibly reading each other (trees), or a pool alone; ending in
-    one torch.cat(..., dim=1) in any branch order, or in Inception-ResNet's relu?(x + scale *
+    one torch.cat(..., dim=1) in any branch order, or in Inception-ResNet's act?(x + scale *
     conv(cat)). A conv unit (one such chain as a module's whole result, e.g. a stem's
     BasicConv2d / ConvNormAct) is swapped too. The fused module shares the original's
     submodules and parameters, so state_dict keys, load_state_dict and optimizers built before

@@ -6,7 +6,8 @@ Recognised by structure, without importing timm or torchvision:
   forward is traced through like any module).
 - norm + act: a `BatchNorm2d`/`SyncBatchNorm` subclass whose only children are `drop` and `act`, as
   timm's `BatchNormAct2d` and `SyncBatchNormAct` (forward: batch norm, then `drop`, then `act`).
-  `act` must be `nn.ReLU` or `nn.Identity` (timm's `apply_act=False`); `drop` `nn.Identity`, or a
+  `act` must be an activation the kernels compute (`activations`: ReLU, ReLU6, LeakyReLU, SiLU,
+  GELU, Hardswish) or `nn.Identity` (timm's `apply_act=False`); `drop` `nn.Identity`, or a
   torch dropout layer (identity in eval: such a block runs eager in training).
 - frozen: a parameter-free module named `*FrozenBatchNorm*` with buffers `weight`, `bias`,
   `running_mean`, `running_var` and a float `eps` (torchvision's `FrozenBatchNorm2d`, timm's
@@ -20,12 +21,15 @@ Example:
     >>> norms.is_batchnorm(timm.layers.BatchNormAct2d(8))
     True
     >>> norms.activation_of(timm.layers.BatchNormAct2d(8, apply_act=False))
-    (False, None)
+    (None, None)
 """
 
 from functools import lru_cache
 
+import torch
 from torch import nn
+
+from fused_inception.activations import activation_of_module
 
 _PLAIN = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _FROZEN_BUFFERS = frozenset(("weight", "bias", "running_mean", "running_var"))
@@ -70,16 +74,22 @@ def is_leaf(m):
 
 
 def activation_of(m):
-    """(relu, reason) for a BatchNorm layer: relu is True when the layer itself ends with ReLU;
-    reason says why the kernels can't compute it (None when they can)."""
+    """(activation, reason) for a BatchNorm layer: the activations.Activation the layer itself
+    ends with (None: none); reason says why the kernels can't compute it (None when they can)."""
     act, drop = m._modules.get("act"), m._modules.get("drop")
     if drop is not None and type(drop) is not nn.Identity and not isinstance(drop, _DROPOUTS):
-        return False, f"its drop layer is {type(drop).__name__}, not nn.Identity or a dropout"
+        return None, f"its drop layer is {type(drop).__name__}, not nn.Identity or a dropout"
     if act is None or type(act) is nn.Identity:
-        return False, None
-    if type(act) is nn.ReLU:
-        return True, None
-    return False, f"its activation is {type(act).__name__}, not ReLU"
+        return None, None
+    activation = activation_of_module(act)
+    if activation is None:
+        return None, f"its activation is {type(act).__name__}, not one the kernels compute"
+    return activation, None
+
+
+def applies_act(m):
+    """True when BatchNorm layer m applies an activation itself (a norm + act layer's `act`)."""
+    return m is not None and activation_of(m)[0] is not None
 
 
 def eager_ops(m):
@@ -111,3 +121,59 @@ def needs_eager(bn, training):
         return True
     drop = bn._modules.get("drop")
     return drop is not None and type(drop) is not nn.Identity and (training or drop.training)
+
+
+# ---------------------------------------------------------------------------------------------
+# In training: SyncBatchNorm's process group and the running statistics (training.py)
+
+
+def sync_group(bns):
+    """The process group whose statistics a block's BatchNorms share (SyncBatchNorm in a
+    distributed run of more than one process), or None."""
+    kinds = {isinstance(bn, nn.SyncBatchNorm) for bn in bns}  # (timm's SyncBatchNormAct is one)
+    if True not in kinds:
+        return None
+    import torch.distributed as dist
+
+    from fused_inception.graph import UnsupportedBlock
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None  # SyncBatchNorm computes as BatchNorm2d
+    if len(kinds) > 1:
+        raise UnsupportedBlock("the block mixes SyncBatchNorm and BatchNorm2d: convert all of its BatchNorms "
+                               "(nn.SyncBatchNorm.convert_sync_batchnorm) or none")
+    groups = {id(bn.process_group): bn.process_group for bn in bns}
+    if len(groups) > 1:
+        raise UnsupportedBlock("the block's SyncBatchNorms use different process groups")
+    group = next(iter(groups.values())) or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def all_reduce(t, group):
+    import torch.distributed as dist
+
+    dist.all_reduce(t, group=group)
+
+
+def update_running_stats(bns, saved):
+    """nn.BatchNorm2d's update of running_mean / running_var / num_batches_tracked from a training
+    forward's `saved` statistics (mean, 1/std, unbiased variance, count per column).
+
+    bns: (BatchNorm module, first column, last column) per BatchNorm of the block."""
+    with torch.no_grad():
+        counters = [bn.num_batches_tracked for bn, _, _ in bns if bn.num_batches_tracked is not None]
+        if counters:
+            torch._foreach_add_(counters, 1)
+        by_momentum = {}
+        for bn, lo, hi in bns:
+            mean, var = saved[0, lo:hi].to(bn.running_mean.dtype), saved[2, lo:hi].to(bn.running_var.dtype)
+            if bn.momentum is None:  # cumulative moving average: weight 1 / num_batches_tracked
+                weight = torch.reciprocal(bn.num_batches_tracked.to(bn.running_mean.dtype))
+                bn.running_mean.lerp_(mean, weight)
+                bn.running_var.lerp_(var, weight)
+            else:
+                selves, ends = by_momentum.setdefault(bn.momentum, ([], []))
+                selves += [bn.running_mean, bn.running_var]
+                ends += [mean, var]
+        for momentum, (selves, ends) in by_momentum.items():
+            torch._foreach_lerp_(selves, ends, momentum)

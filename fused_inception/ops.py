@@ -28,7 +28,9 @@ from typing import List, Tuple
 
 import torch
 
-from fused_inception.plan import output_memory_format, output_shape
+from fused_inception import norms
+from fused_inception.graph import output_shape
+from fused_inception.plan import output_memory_format
 from fused_inception.program import Route, eager_gradients, lookup
 
 
@@ -37,10 +39,8 @@ def compiled_forward(program, route, x):
     TRAIN; x already in the compute dtype): one custom op below, and in training the running
     statistics updated by traced torch ops from its `saved` output."""
     if route is Route.TRAIN:
-        from fused_inception import training
-
         out, _, _, saved = block_train_forward(x, program.train_params(), program.running_means(), program.id)
-        training.update_running_stats(program.train_bns, saved)
+        norms.update_running_stats(program.train_bns, saved)
         return out
     if route is Route.EVAL_GRAD:
         return block_eval_forward(x, program.held(), program.id)
@@ -145,7 +145,8 @@ def block_train_forward(x: torch.Tensor, params: List[torch.Tensor], centers: Li
 
     p = lookup(program)
     plan = p.train_plan(x.dtype, x.device)
-    out, raw_out, raw_mid, saved = training.forward(plan, x, params, centers, p.sync_group(), output_memory_format(x))
+    out, raw_out, raw_mid, saved, _ = training.forward(plan, x, params, centers, p.sync_group(),
+                                                       output_memory_format(x))
     if raw_mid is raw_out:  # outputs may not alias: no intermediate results, an empty tensor
         raw_mid = raw_out.new_empty(0)
     return out, raw_out, raw_mid, saved
@@ -174,7 +175,8 @@ def block_train_backward(grad_out: torch.Tensor, x: torch.Tensor, raw_out: torch
     plan = p.train_plan(x.dtype, x.device)
     if raw_mid.numel() == 0 and plan.layout.mid_channels == 0:
         raw_mid = raw_out
-    dx, weight_grads, bias_grads, sums = training.backward(plan, x, raw_out, raw_mid, saved, out, params,
+    launches = plan.launches(x, raw_out, raw_mid, output_memory_format(x))  # (the forward's: same shapes)
+    dx, weight_grads, bias_grads, sums = training.backward(plan, launches, x, raw_out, raw_mid, saved, out, params,
                                                            grad_out, p.sync_group(), need_x)
     if need_x and dx.stride() != x.stride():  # the layout the fake implementation states
         dx = torch.empty_like(x).copy_(dx)

@@ -1,13 +1,14 @@
 """Recognise an Inception block by its dataflow (torch.fx), whatever its class or coding style.
 
 The pattern: one input; branches that start from it, optionally through a max/avg pool, as
-chains of `Conv2d -> BatchNorm? -> ReLU?` (BatchNorm: see `norms`, timm's BatchNormAct2d with its
-ReLU included; ReLU as a module, `F.relu`, `torch.relu`, the `.relu()` method, in place or not;
+chains of `Conv2d -> BatchNorm? -> activation?` (BatchNorm: see `norms`, timm's BatchNormAct2d with
+its activation included; the activations of `activations`, as modules, functions or the `.relu()`
+method, in place or not;
 any wrapper modules, timm's ConvNormAct and `nn.Sequential` are traced through),
 or a pool alone; a branch may read another branch's result (trees, as Inception v3's split
 1x3/3x1 branches); and one `torch.cat(..., dim=1)` (possibly nested) as the block's result, or, for Inception-ResNet,
-`relu?(x + scale * conv(cat))` in any arrangement of the add and multiply (scale a number or a
-buffer, ReLU optional as in the last block of the network).
+`act?(x + scale * conv(cat))` in any arrangement of the add and multiply (scale a number or a
+buffer, the activation optional as in the last block of the network).
 
 `recipe_of(module)` returns a `Recipe`: the nodes by submodule *name*, so the recipe can be
 resolved against the live module each time (`Recipe.graph(module)`) and never holds stale
@@ -26,8 +27,9 @@ import torch
 from torch import fx, nn
 import torch.nn.functional as F
 
-from fused_inception import norms
-from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, ResidualHead, UnsupportedBlock, depths_of
+from fused_inception import activations, norms
+from fused_inception.activations import activation_of_module, combined
+from fused_inception.graph import BlockGraph, ConvNode, PoolSpec, ResidualHead, UnsupportedBlock, depths_of
 from fused_inception.watch import has_hooks
 
 
@@ -37,14 +39,14 @@ class NotABlock(Exception):
 
 class UnsupportedUnit(UnsupportedBlock):
     """`recipe_of(..., allow_single=True)`: the module's result is not a concatenation, and not a
-    `pool? -> conv -> BN? -> ReLU?` chain either (fuse() passes over these silently)."""
+    `pool? -> conv -> BN? -> activation?` chain either (fuse() passes over these silently)."""
 
 
 @dataclass(frozen=True)
 class NodeRecipe:
     conv: Optional[str]  # qualified name of the nn.Conv2d, None for a pool alone
     bn: Optional[str]
-    relu: bool
+    act: object  # the activation after the BatchNorm (besides one inside it): see _activation
     src: Optional[int]
     pool: object  # a PoolSpec (a functional pool), the qualified name of a pool module, or None
 
@@ -53,7 +55,7 @@ class NodeRecipe:
 class HeadRecipe:
     conv: str
     scale: object  # a number, or the qualified name (str) of a one-element buffer
-    relu: bool
+    act: object  # as NodeRecipe.act
     shortcut: Optional[str] = None  # a projection shortcut's conv (None: x itself)
     bn: Optional[str] = None  # a BatchNorm after the add
 
@@ -62,16 +64,18 @@ class HeadRecipe:
 class Recipe:
     nodes: tuple
     outputs: tuple
-    eager_kernels: int  # kernel-launching operations of the traced forward (conv, BN, ReLU, pool, cat, ...)
+    eager_kernels: int  # kernel-launching operations of the traced forward (conv, BN, activation, pool, cat, ...)
     head: Optional[HeadRecipe] = None
     single: bool = False  # the result is one chain (a conv unit), not a concatenation
 
     def graph(self, module):
         """The BlockGraph of `module`'s current submodules."""
-        nodes = [ConvNode(module.get_submodule(r.conv) if r.conv else None,
-                          module.get_submodule(r.bn) if r.bn else None, r.relu, r.src,
-                          PoolSpec.from_module(module.get_submodule(r.pool)) if isinstance(r.pool, str) else r.pool)
-                 for r in self.nodes]
+        nodes = []
+        for r in self.nodes:
+            bn = module.get_submodule(r.bn) if r.bn else None
+            nodes.append(ConvNode(module.get_submodule(r.conv) if r.conv else None, bn, _activation(module, r.act, bn),
+                                  r.src, PoolSpec.from_module(module.get_submodule(r.pool)) if isinstance(r.pool, str)
+                                  else r.pool))
         readers = [n.conv for n in nodes if n.src is None and n.conv is not None]
         if not readers:
             raise UnsupportedBlock("no convolution reads the block input")
@@ -81,14 +85,27 @@ class Recipe:
             if isinstance(scale, str):  # a buffer: read where it is when used (functional_call swaps it)
                 scale = functools.partial(_attribute, module, scale)
             h = self.head
-            head = ResidualHead(module.get_submodule(h.conv), scale, h.relu,
-                                module.get_submodule(h.shortcut) if h.shortcut else None,
-                                module.get_submodule(h.bn) if h.bn else None)
+            bn = module.get_submodule(h.bn) if h.bn else None
+            head = ResidualHead(module.get_submodule(h.conv), scale, _activation(module, h.act, bn),
+                                module.get_submodule(h.shortcut) if h.shortcut else None, bn)
         return BlockGraph(nodes, list(self.outputs), readers[0].in_channels, head)
 
     @property
     def launches(self):
         return max(depths_of(self.nodes)) + (self.head is not None)
+
+
+def _activation(module, act, bn):
+    """The Activation of a node: `act` (an Activation, the qualified name of an activation module,
+    resolved with its current attributes, or None) after the one a norm + act layer `bn` applies."""
+    if isinstance(act, str):
+        act = activation_of_module(module.get_submodule(act))
+        if act is None:
+            raise UnsupportedBlock("an activation module was replaced by one the kernels don't compute")
+    one = combined(norms.activation_of(bn)[0] if bn is not None else None, act)
+    if one is False:
+        raise UnsupportedBlock(f"two activations in a row ({norms.activation_of(bn)[0]} then {act})")
+    return one
 
 
 def _attribute(module, qualname):
@@ -113,7 +130,6 @@ def is_layer(module):
             or torch_nn and not isinstance(module, nn.Sequential))
 
 
-_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 _AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
@@ -135,15 +151,23 @@ class _Parser:
     def submodule(self, n):
         return self.module.get_submodule(n.target) if n.op == "call_module" else None
 
-    def is_relu(self, n):
-        return ((n.op == "call_function" and n.target in _RELU_FUNCTIONS)
-                or (n.op == "call_method" and n.target in ("relu", "relu_"))
-                or type(self.submodule(n)) is nn.ReLU)
-
-    def relu_inplace(self, n):
+    def activation(self, n):
+        """(activation, in place?) if fx node n is an activation the kernels compute, else None:
+        the activation a module's qualified name (resolved when the graph is built: its
+        attributes may change), an activations.Activation for a function or method call, or
+        None for nn.Identity."""
         if n.op == "call_module":
-            return self.submodule(n).inplace
-        return n.target in (torch.relu_, F.relu_, "relu_") or bool(n.kwargs.get("inplace", n.args[1:2] == (True,)))
+            m = self.submodule(n)
+            if type(m) is nn.Identity:  # (timm's act_layer=None, a user's placeholder): none
+                return None, False
+            if activations.activation_of_module(m) is None:
+                return None
+            return n.target, bool(getattr(m, "inplace", False))
+        if n.op == "call_method" and n.target in ("relu", "relu_") and len(n.args) == 1:
+            return activations.RELU, n.target == "relu_"
+        if n.op == "call_function":
+            return activations.activation_of_call(n.target, n.args[1:], n.kwargs)
+        return None
 
     def pool_of(self, n):
         """PoolSpec of a pooling node (for a pool module: its qualified name, resolved with the
@@ -164,17 +188,19 @@ class _Parser:
             return self.memo[v]
         if not isinstance(v, fx.Node):
             raise UnsupportedBlock(f"a concatenated value is a constant ({v!r})")
-        relu, bn, cur = False, None, v
-        if self.is_relu(cur):
-            if self.relu_inplace(cur) and len(cur.args[0].users) > 1:
-                raise UnsupportedBlock("an in-place ReLU changes a value that is also used elsewhere")
-            relu, cur = True, self._absorb(cur)
+        act, bn, cur = None, None, v
+        found = self.activation(cur)
+        if found is not None:
+            if found[1] and len(cur.args[0].users) > 1:
+                raise UnsupportedBlock("an in-place activation changes a value that is also used elsewhere")
+            act, cur = found[0], self._absorb(cur)
         if norms.is_batchnorm(self.submodule(cur)):
-            act_relu, reason = norms.activation_of(self.submodule(cur))
+            reason = norms.activation_of(self.submodule(cur))[1]
             if reason is not None:
                 raise UnsupportedBlock(f"{cur.target}: {reason}")
+            _activation(self.module, act, self.submodule(cur))  # (raises for two activations in a row)
             self.extra_kernels += norms.eager_ops(self.submodule(cur)) - 1
-            bn, relu, cur = cur.target, relu or act_relu, self._absorb(cur)
+            bn, cur = cur.target, self._absorb(cur)
         conv = pool = None
         if isinstance(self.submodule(cur), nn.Conv2d):
             conv, src_v = cur.target, self._absorb(cur)
@@ -183,17 +209,19 @@ class _Parser:
                 src_v = self._absorb(src_v)
                 if src_v is not self.x:
                     raise UnsupportedBlock("a pool inside a branch (only a pool on the block input fuses)")
-        elif not relu and bn is None and self.pool_of(cur) is not None:
+        elif act is None and bn is None and self.pool_of(cur) is not None:
             pool, src_v = self.pool_of(cur), self._absorb(cur)  # a pool-only branch
             if src_v is not self.x:
                 raise UnsupportedBlock("a pool-only branch that doesn't read the block input")
         else:
             what = _describe(cur) if isinstance(cur, fx.Node) else repr(cur)
-            raise UnsupportedBlock(f"a branch is computed by {what}, not Conv2d/BatchNorm2d/ReLU/pool")
+            if isinstance(cur, fx.Node) and cur.op == "call_module":
+                what += f" ({type(self.submodule(cur)).__name__})"
+            raise UnsupportedBlock(f"a branch is computed by {what}, not Conv2d/BatchNorm2d/activation/pool")
         if not isinstance(src_v, fx.Node):
             raise UnsupportedBlock(f"a layer reads a constant ({src_v!r})")
         src = None if src_v is self.x else self.parse(src_v)
-        self.nodes.append(NodeRecipe(conv, bn, relu, src, pool))
+        self.nodes.append(NodeRecipe(conv, bn, act, src, pool))
         self.memo[v] = len(self.nodes) - 1
         return self.memo[v]
 
@@ -277,22 +305,22 @@ _MUL = {operator.mul, torch.mul}
 
 
 def _residual_head(parser, result):
-    """(HeadRecipe, the fx value the head conv reads) for relu?(bn?(shortcut + scale * conv(v))),
+    """(HeadRecipe, the fx value the head conv reads) for act?(bn?(shortcut + scale * conv(v))),
     shortcut being x itself or a conv of x (a projection), in any arrangement of the add and the
     multiply; else (None, None).
 
     Nodes are only absorbed once the whole shape has matched; a non-match leaves no trace."""
-    taken, relu, bn, cur = [], False, None, result
-    if parser.is_relu(cur):
-        relu = True
+    taken, act, bn, cur = [], None, None, result
+    found = parser.activation(cur)
+    if found is not None:
+        act = found[0]
         taken.append(cur)
         cur = cur.args[0]
     m = parser.submodule(cur) if isinstance(cur, fx.Node) else None
     if m is not None and norms.is_batchnorm(m):
-        act, reason = norms.activation_of(m)
-        if reason is not None or (act and relu):
+        inner, reason = norms.activation_of(m)
+        if reason is not None or (inner is not None and act is not None):
             return None, None
-        relu = relu or act
         bn = cur.target
         taken.append(cur)
         cur = cur.args[0]
@@ -312,7 +340,7 @@ def _residual_head(parser, result):
     if shortcut is not None:
         taken.append(a)
     parser.absorbed.update(taken)
-    return HeadRecipe(up.target, scale, relu, shortcut, bn), up.args[0]
+    return HeadRecipe(up.target, scale, act, shortcut, bn), up.args[0]
 
 
 def _shortcut(parser, v):

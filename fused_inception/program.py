@@ -2,11 +2,17 @@
 
 Data flows one way:
 
-    blocks.FusedBlock.forward   check the input, pick the path (eager, eval kernels, training)
-      -> BlockProgram           the block's graph; its inference plan per compute dtype, rebuilt
-                                when a tensor it folded changes; its training plans
-        -> plan.Plan / training.TrainPlan     stages, weights in kernel layout, launches
-          -> kernels.conv / kernels.batchnorm the kernels and their launchers
+    blocks.FusedBlock.forward   check the input, take the route (eager, eval kernels, training)
+      -> BlockProgram           the block's graph (graph.BlockGraph, recognised once by
+                                pattern.py); its inference plan per compute dtype, rebuilt when
+                                a tensor it folded changes; its training plans
+        -> plan.build_stages    ONE stage builder, given a packing: plan.build_plan (INFERENCE:
+                                BN folded, weights padded) or training.build_train_plan (TRAINING:
+                                the parameters' layout, statistics in the kernels)
+          -> plan.Plan / training.TrainPlan  the stages and, per input shape, their cached
+                                launches (kconv.StageLaunch; training also kbn.ApplyLaunch and
+                                kbn.BackwardLaunch: every one a kconv.CachedLaunch)
+            -> kernels.conv / kernels.batchnorm   the kernels (activations: kconv._activate)
 
 `ops.py` (torch.compile's custom ops) reaches programs by id through `lookup`, never modules.
 
@@ -29,7 +35,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fused_inception import norms, training
 from fused_inception.kernels import conv as kconv
-from fused_inception.plan import build_plan, check_graph, output_memory_format
+from fused_inception.graph import check_graph
+from fused_inception.plan import build_plan, output_memory_format
 
 _VERSION = operator.attrgetter("_version")
 _IMPL = operator.attrgetter("_cdata")  # the C++ tensor: torch.utils.swap_tensors changes it, not id()
@@ -118,8 +125,8 @@ class BlockProgram:
         with unset_fake_temporarily():
             structure = training.build_train_plan(graph, torch.device("meta"), torch.float32, torch.float32)
         self.train_structure = structure
-        self.train_refs = tuple(ref for ref in structure.refs(graph) if ref is not None and getattr(*ref) is not None)
-        self.train_bns = tuple((training.member_modules(graph, m)[1], lo, hi) for m, lo, hi in structure.bn_columns)
+        self.train_refs = tuple(ref for ref in structure.refs() if ref is not None and getattr(*ref) is not None)
+        self.train_bns = tuple(structure.bn_columns)
         # Frozen BatchNorms and norm + act layers with a dropout: see norms.needs_eager.
         self.special_bns = tuple(bn for bn, _, _ in self.train_bns if not norms.is_plain(bn))
         # Every parameter and buffer slot of the block's modules, (dict, names): the plan folds
@@ -265,7 +272,7 @@ class BlockProgram:
 
     def sync_group(self):
         """The process group the block's BatchNorm statistics are all-reduced over, or None."""
-        return training.sync_group([bn for bn, _, _ in self.train_bns])
+        return norms.sync_group([bn for bn, _, _ in self.train_bns])
 
     def train_plan(self, dtype, device):
         """The training plan for inputs of `dtype` on `device` (built or taken from the cache)."""

@@ -99,7 +99,7 @@ def traffic(block, x_shape, elem_size):
             inp = pooled
         if node.conv is not None:
             eager += inp + node.conv.weight.numel() + out
-        eager += 2 * out * ((node.bn is not None) + node.relu)  # BN, ReLU: read and write
+        eager += 2 * out * ((node.bn is not None) + (node.act is not None))  # BN, activation: read and write
     cat_h, cat_w = hw[graph.outputs[0]]
     cat_elems = n * sum(couts[i] for i in graph.outputs) * cat_h * cat_w
     if len(graph.outputs) > 1:
@@ -108,7 +108,7 @@ def traffic(block, x_shape, elem_size):
         head = graph.head
         n_out = n * head.out_channels * oh * ow
         eager += cat_elems + head.conv.weight.numel() + n_out + 2 * n_out + 3 * n_out
-        eager += 2 * n_out * ((head.bn is not None) + head.relu)
+        eager += 2 * n_out * ((head.bn is not None) + (head.act is not None))
         if head.shortcut is not None:  # the projection reads x, writes its result
             eager += n * graph.in_channels * h * w + head.shortcut.weight.numel() + n_out
     fused = sum(nbytes for _, nbytes in stage_traffic(plan.layout, x_shape, elem_size))

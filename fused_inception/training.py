@@ -1,6 +1,6 @@
 """Fused training: batch-statistics BatchNorm in the stage kernels, and the block's backward.
 
-Forward, per stage of the block's layout (see `plan.build_layout`):
+Forward, per stage of the block's layout (see `layout.build_layout`):
 
     launch 1  conv_stage(TRAIN): every convolution of the stage; each writes its pre-activation
               `raw` into a shadow of its destination (`raw_out`, `raw_mid`) and, with BatchNorm,
@@ -24,29 +24,17 @@ GEMM), the pools' by ATen's pool backward. Saved for backward: the block input, 
 (and the block output, for a block whose branches read another branch's output).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fused_inception.kernels import batchnorm as kbn
 from fused_inception.kernels import conv as kconv
-from fused_inception.plan import UnsupportedBlock, build_layout, power_of_two_dividing, problem_spec, table_row
-
-
-@dataclass
-class TrainStage:
-    spec: tuple  # kconv.problem_spec per problem (training: `bn` set where BatchNorm follows)
-    table: torch.Tensor  # int32 problem table: packed weights ([ncols, K] per problem), global columns
-    problems: list  # plan.Problem, in table order
-    first_problem: int  # index of problems[0] among all the block's problems
-    columns: tuple  # [first, last) column of the stage
-    ncols: tuple  # per problem, for conv_stage's grid
-    depth: tuple  # per problem: GEMM depth (autotune key)
-    splits: tuple  # per problem: (ncols, split), for the BatchNorm launches' grids
-    bn_parts: tuple  # kbn.parts of the problems with BatchNorm
-    gemm_parts: tuple  # kbn.parts of the convolutions
-    mid_parts: tuple  # kbn.parts of the convolutions that go to `mid`
+from fused_inception.norms import all_reduce as _all_reduce
+from fused_inception.norms import update_running_stats
+from fused_inception.layout import build_layout
+from fused_inception.plan import TRAINING, build_stages
 
 
 @dataclass
@@ -55,9 +43,20 @@ class Slot:
 
     kind: str  # "weight", "bias", "gamma" or "beta"
     problem: int  # index of the problem among all the block's problems
-    member: object  # node index, "head" or "shortcut" (see member_modules)
+    member: int  # which of the problem's convolutions (plan.Problem.convs / bns / couts)
     lo: int  # weight: first row of the problem's weight gradient; bias: first column within the
     hi: int  # problem; gamma/beta: global columns [lo, hi)
+
+
+@dataclass
+class Launches:
+    """A training plan's launches for inputs of one shape and layout (kconv / kbn launchers,
+    cached: after the first step they go straight to the compiled kernels)."""
+
+    conv: tuple  # per stage: kconv.StageLaunch (training variant)
+    apply: tuple  # per stage: kbn.ApplyLaunch of its BatchNorm parts (forward)
+    recompute: tuple  # per stage: kbn.ApplyLaunch of its parts in `mid` (backward)
+    backward: dict  # grad_out's strides -> per stage (reduce, backward) kbn.BackwardLaunch
 
 
 @dataclass
@@ -65,7 +64,7 @@ class TrainPlan:
     """Everything a training forward and backward need besides the input and the parameters."""
 
     layout: object  # plan.Layout
-    stages: list
+    stages: list  # plan.Stage (TRAINING packing)
     problems: list  # every plan.Problem of the block, in order
     columns: int
     slots: list  # Slot per piece of the packed vector, in packing order
@@ -75,19 +74,57 @@ class TrainPlan:
     consts: torch.Tensor  # [2, columns], accumulator dtype: the epilogue's scale (residual scale or 1), BN eps
     zero_sums: torch.Tensor  # zeros packed last (when every piece has the accumulator dtype)
     center_pieces: list  # per member's columns: None (its BatchNorm's running mean) or constant zeros
-    bn_columns: list  # (node index, first column, last column) per BatchNorm
+    bn_columns: list  # (BatchNorm, first column, last column) per BatchNorm
     reads_out: bool  # some branch reads another branch's result in the block output
+    _by_input: dict = field(default_factory=dict)  # (x's shape and strides, memory format) -> Launches
 
-    def refs(self, graph):
+    def refs(self):
         """Per slot, (module, attribute name) of the parameter that fills it, or None where the
         block has none (no conv for a pool, no BatchNorm)."""
         out = []
         for slot in self.slots:
-            conv, bn = member_modules(graph, slot.member)
-            module = bn if slot.kind in ("gamma", "beta") else conv
+            p = self.problems[slot.problem]
+            if slot.kind in ("gamma", "beta"):
+                module = p.bns[slot.member]
+            else:
+                module = p.convs[slot.member] if p.convs else None
             name = {"weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias"}[slot.kind]
             out.append(None if module is None else (module, name))
         return out
+
+    def launches(self, x, out, mid, memory_format):
+        """The Launches for input x with buffers like out and mid (built on the first call)."""
+        key = (x.shape, x.stride(), memory_format)
+        entry = self._by_input.get(key)
+        if entry is None:
+            if len(self._by_input) >= 16:  # inputs of many shapes: keep the latest
+                self._by_input.clear()
+            cols = self.columns
+            entry = self._by_input[key] = Launches(
+                conv=tuple(kconv.StageLaunch(s.spec, s.table, s.ncols, s.depth, x, out, mid, training=True)
+                           for s in self.stages),
+                apply=tuple(kbn.ApplyLaunch(s.table, s.splits, s.bn_parts, cols, out, mid) for s in self.stages),
+                recompute=tuple(kbn.ApplyLaunch(s.table, s.splits, s.mid_parts, cols, out, mid, recompute=True)
+                                for s in self.stages),
+                backward={})
+        return entry
+
+    def all_launches(self):
+        """Every launch prepared so far (all input shapes and gradient layouts)."""
+        return [launch for entry in self._by_input.values()
+                for launch in (*entry.conv, *entry.apply, *entry.recompute,
+                               *(one for pairs in entry.backward.values() for pair in pairs for one in pair))]
+
+    def backward_launches(self, launches, raw_out, raw_mid, grad_out):
+        """Per stage, the (reduce, backward) BatchNorm launches for a gradient of grad_out's strides."""
+        entry = launches.backward.get(grad_out.stride())
+        if entry is None:
+            cols = self.columns
+            entry = launches.backward[grad_out.stride()] = tuple(
+                (kbn.BackwardLaunch(s.table, s.splits, s.bn_parts, cols, raw_out, raw_mid, grad_out, reduce=True),
+                 kbn.BackwardLaunch(s.table, s.splits, s.gemm_parts, cols, raw_out, raw_mid, grad_out, reduce=False))
+                for s in self.stages)
+        return entry
 
     def pack(self, params, centers=None):
         """The packed vector (one torch.cat): the parameters (those filling slots, in slot order)
@@ -113,7 +150,7 @@ class TrainPlan:
         nn.Conv2d's layout ([ncols, cin, kh, kw]: the parameter itself for a single convolution,
         its convolutions' weights stacked for a merged GEMM; None for a pool), and the gammas and
         betas per column."""
-        by_problem, pieces, gamma_beta = {}, [], []
+        by_problem, gamma_beta = {}, []
         it = iter(params)
         for i, (slot, is_param) in enumerate(zip(self.slots, self.is_param)):
             value = next(it) if is_param else self.constants[i]
@@ -156,17 +193,6 @@ class TrainPlan:
         return grads
 
 
-def member_modules(graph, member):
-    """(conv, BatchNorm) of a problem member: a node index, "head" (the residual head's
-    up-projection and the BatchNorm after its add) or "shortcut" (its projection shortcut)."""
-    if member == "head":
-        return graph.head.conv, graph.head.bn
-    if member == "shortcut":
-        return graph.head.shortcut, None
-    node = graph.nodes[member]
-    return node.conv, node.bn
-
-
 def _kernel_layout(weight):
     """A conv weight [cout, cin, kh, kw] flattened as [cout, kh, kw, cin], the stage kernel's
     K-major order (a view for 1x1 convs and channels_last weights, else a copy)."""
@@ -178,66 +204,45 @@ def accumulator_dtype(dtype):
 
 
 def build_train_plan(graph, device, dtype, param_dtype):
-    """The training plan of `graph` for inputs of `dtype` on `device` and parameters of `param_dtype`."""
+    """The training plan of `graph` for inputs of `dtype` on `device` and parameters of
+    `param_dtype`: the stages of plan.build_stages with the TRAINING packing, and where each
+    parameter goes in the vector packed per step."""
     layout = build_layout(graph)
-    channels = layout.buffer_channels(graph.in_channels)
+    stages, _ = build_stages(layout, graph.in_channels, device, TRAINING)
     acc = accumulator_dtype(dtype)
-    stages, problems, weight_slots, bias_slots, member_columns, bn_columns = [], [], [], [], [], []
-    w_offsets = []
-    scale, eps = [], []
-    w_off = col = 0
-    for stage_problems in layout.stages:
-        rows, first, first_col = [], len(problems), col
-        for p in stage_problems:
-            index = len(problems)
-            problems.append(p)
-            rows.append(table_row(p.row, w_off, p.k if p.gemm else 0, col))
+    problems = [p for stage in stages for p in stage.problems]
+    weight_slots, bias_slots, member_columns, bn_columns, scale, eps = [], [], [], [], [], []
+    w_total = col = 0
+    for index, p in enumerate(problems):
+        lo = 0
+        for j, (cout, bn) in enumerate(zip(p.couts, p.bns)):
             if p.gemm:
-                w_offsets += [w_off, p.k]
-                w_off += p.ncols * p.k
-            lo = 0
-            for member, cout, bn in zip(p.members, p.couts, p.bns):
-                if p.gemm:
-                    weight_slots.append(Slot("weight", index, member, lo, lo + cout))
-                bias_slots.append(Slot("bias", index, member, lo, lo + cout))
-                member_columns.append((member, col + lo, col + lo + cout))
-                if bn is not None:
-                    bn_columns.append((member, col + lo, col + lo + cout))
-                scale.append(torch.full((cout,), p.scale, dtype=torch.float64))
-                eps.append(torch.full((cout,), bn.eps if bn is not None else 1.0, dtype=torch.float64))
-                lo += cout
-            col += p.ncols
-        stages.append(TrainStage(
-            spec=(), table=torch.tensor(rows, dtype=torch.int32, device=device), problems=list(stage_problems),
-            first_problem=first, columns=(first_col, col), ncols=tuple(p.ncols for p in stage_problems),
-            depth=tuple(p.k for p in stage_problems),
-            splits=tuple((p.ncols, p.row["split"]) for p in stage_problems), bn_parts=(), gemm_parts=(),
-            mid_parts=(),
-        ))
-    # What divides every weight offset and row pitch (multiples of 8 in Inception blocks).
-    walign = power_of_two_dividing(*w_offsets)
-    for stage in stages:
-        stage.spec = tuple(problem_spec(p.row, channels, walign) for p in stage.problems)
-        stage.bn_parts = kbn.parts(stage.spec, lambda s, dst: kconv.spec_field(s, "bn"))
-        stage.gemm_parts = kbn.parts(stage.spec, lambda s, dst: kconv.spec_field(s, "kind") != kconv.KIND_POOL)
-        stage.mid_parts = kbn.parts(stage.spec, lambda s, dst: kconv.spec_field(s, "kind") != kconv.KIND_POOL
-                                    and dst == kconv.BUF_MID)
+                weight_slots.append(Slot("weight", index, j, lo, lo + cout))
+            bias_slots.append(Slot("bias", index, j, lo, lo + cout))
+            member_columns.append((index, j, col + lo, col + lo + cout))
+            if bn is not None:
+                bn_columns.append((bn, col + lo, col + lo + cout))
+            scale.append(torch.full((cout,), p.scale, dtype=torch.float64))
+            eps.append(torch.full((cout,), bn.eps if bn is not None else 1.0, dtype=torch.float64))
+            lo += cout
+        w_total += p.ncols * p.k if p.gemm else 0
+        col += p.ncols
     # Packing order: weights (problem by problem), then biases, BN weights, BN biases per column.
-    slots = weight_slots + bias_slots + [Slot(kind, -1, member, lo, hi)
-                                         for kind in ("gamma", "beta") for member, lo, hi in member_columns]
+    slots = weight_slots + bias_slots + [Slot(kind, index, j, lo, hi)
+                                         for kind in ("gamma", "beta") for index, j, lo, hi in member_columns]
     columns = col
     plan = TrainPlan(
         layout=layout, stages=stages, problems=problems, columns=columns, slots=slots, is_param=(),
-        constants={}, sections=tuple(w_off + i * columns for i in range(5)),
+        constants={}, sections=tuple(w_total + i * columns for i in range(5)),
         consts=torch.stack([torch.cat(scale), torch.cat(eps)]).to(device=device, dtype=acc),
         zero_sums=torch.zeros(3 * columns, dtype=acc, device=device),
-        center_pieces=[None if (member, lo, hi) in bn_columns else torch.zeros(hi - lo, dtype=param_dtype,
-                                                                              device=device)
-                       for member, lo, hi in member_columns],
+        center_pieces=[None if problems[index].bns[j] is not None else torch.zeros(hi - lo, dtype=param_dtype,
+                                                                                   device=device)
+                       for index, j, lo, hi in member_columns],
         bn_columns=bn_columns,
         reads_out=any(p.row["src"] == kconv.BUF_OUT for p in problems),
     )
-    plan.is_param = tuple(ref is not None and getattr(*ref) is not None for ref in plan.refs(graph))
+    plan.is_param = tuple(ref is not None and getattr(*ref) is not None for ref in plan.refs())
     for i, (slot, is_param) in enumerate(zip(slots, plan.is_param)):
         if not is_param:  # an absent conv bias or BN affine parameter: a constant in its place
             value = 1.0 if slot.kind == "gamma" else 0.0
@@ -250,67 +255,14 @@ def _has_mid_columns(row):
 
 
 # ---------------------------------------------------------------------------------------------
-# SyncBatchNorm and the running statistics
-
-
-def sync_group(bns):
-    """The process group whose statistics a block's BatchNorms share (SyncBatchNorm in a
-    distributed run of more than one process), or None."""
-    kinds = {isinstance(bn, nn.SyncBatchNorm) for bn in bns}  # (timm's SyncBatchNormAct is one)
-    if True not in kinds:
-        return None
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return None  # SyncBatchNorm computes as BatchNorm2d
-    if len(kinds) > 1:
-        raise UnsupportedBlock("the block mixes SyncBatchNorm and BatchNorm2d: convert all of its BatchNorms "
-                               "(nn.SyncBatchNorm.convert_sync_batchnorm) or none")
-    groups = {id(bn.process_group): bn.process_group for bn in bns}
-    if len(groups) > 1:
-        raise UnsupportedBlock("the block's SyncBatchNorms use different process groups")
-    group = next(iter(groups.values())) or dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
-
-
-def _all_reduce(t, group):
-    import torch.distributed as dist
-
-    dist.all_reduce(t, group=group)
-
-
-def update_running_stats(bns, saved):
-    """nn.BatchNorm2d's update of running_mean / running_var / num_batches_tracked from a training
-    forward's `saved` statistics (mean, 1/std, unbiased variance, count per column).
-
-    bns: (BatchNorm module, first column, last column) per BatchNorm of the block."""
-    with torch.no_grad():
-        counters = [bn.num_batches_tracked for bn, _, _ in bns if bn.num_batches_tracked is not None]
-        if counters:
-            torch._foreach_add_(counters, 1)
-        by_momentum = {}
-        for bn, lo, hi in bns:
-            mean, var = saved[0, lo:hi].to(bn.running_mean.dtype), saved[2, lo:hi].to(bn.running_var.dtype)
-            if bn.momentum is None:  # cumulative moving average: weight 1 / num_batches_tracked
-                weight = torch.reciprocal(bn.num_batches_tracked.to(bn.running_mean.dtype))
-                bn.running_mean.lerp_(mean, weight)
-                bn.running_var.lerp_(var, weight)
-            else:
-                selves, ends = by_momentum.setdefault(bn.momentum, ([], []))
-                selves += [bn.running_mean, bn.running_var]
-                ends += [mean, var]
-        for momentum, (selves, ends) in by_momentum.items():
-            torch._foreach_lerp_(selves, ends, momentum)
-
-
-# ---------------------------------------------------------------------------------------------
 # Forward and backward
 
 
 def forward(plan, x, params, centers, group, memory_format):
-    """Run the block in training mode. Returns (out, raw_out, raw_mid, saved); `raw_mid` is
-    `raw_out` when the block has no intermediate results. `centers`: the BatchNorms' running
-    means (read, not updated)."""
+    """Run the block in training mode. Returns (out, raw_out, raw_mid, saved, launches);
+    `raw_mid` is `raw_out` when the block has no intermediate results; `launches` the plan's
+    Launches for x (the backward's too). `centers`: the BatchNorms' running means (read, not
+    updated)."""
     packed, sums = plan.pack(params, centers)
     weights, biases, gammas, betas, centers = plan.sections_of(packed)
     out, mid = plan.layout.buffers(x, x.dtype, memory_format)
@@ -323,16 +275,18 @@ def forward(plan, x, params, centers, group, memory_format):
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                                  f"{list(x.shape)} (a BatchNorm of this block sees {values} value per channel)")
     saved = torch.empty(4, plan.columns, dtype=plan.consts.dtype, device=x.device)
-    for stage in plan.stages:
-        kconv.conv_stage(stage.spec, stage.table, stage.ncols, stage.depth, weights, plan.consts[0], biases, x, out,
-                         mid, raw_out, raw_mid, sums, centers)
+    launches = plan.launches(x, out, mid, memory_format)
+    if x.shape[0] == 0:
+        return out, raw_out, raw_mid, saved, launches
+    scale, eps = plan.consts
+    for stage, conv, apply in zip(plan.stages, launches.conv, launches.apply):
+        conv(weights, scale, biases, x, out, mid, raw_out, raw_mid, sums, centers)
         if stage.bn_parts:
             if group is not None:
                 lo, hi = stage.columns
                 _all_reduce(sums[lo:hi], group)
-            kbn.bn_apply(stage.table, stage.splits, stage.bn_parts, gammas, betas, centers, plan.consts[1], sums, saved,
-                         raw_out, raw_mid, out, mid)
-    return out, raw_out, raw_mid, saved
+            apply(gammas, betas, centers, eps, sums, saved, raw_out, raw_mid, out, mid)
+    return out, raw_out, raw_mid, saved, launches
 
 
 def _columns(buffers, row, lo, hi, value=None):
@@ -372,10 +326,12 @@ def _accumulate(total, grad):
     return grad if total is None else total.add_(grad)
 
 
-def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, need_x):
-    """Gradients of a training forward: (dx or None, weight gradient per problem ([ncols, cin,
-    kh, kw], None for pools), bias gradient per problem ([ncols]), BN sums [2, columns])."""
+def backward(plan, launches, x, raw_out, raw_mid, saved, out, params, grad_out, group, need_x):
+    """Gradients of a training forward (`launches`: its Launches): (dx or None, weight gradient
+    per problem ([ncols, cin, kh, kw], None for pools), bias gradient per problem ([ncols]), BN
+    sums [2, columns])."""
     layout, dtype = plan.layout, raw_out.dtype
+    eps = plan.consts[1]
     weights, gammas, betas = plan.backward_operands(params)
     acc = plan.consts.dtype
 
@@ -384,13 +340,12 @@ def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, nee
     mid, pooled = raw_mid, {}
     if layout.mid_channels:
         mid = torch.empty_like(raw_mid)
-        for stage in plan.stages:
+        for stage, recompute in zip(plan.stages, launches.recompute):
             if stage.mid_parts:
-                kbn.bn_apply(stage.table, stage.splits, stage.mid_parts, gammas, betas, gammas, plan.consts[1], saved, saved,
-                             raw_out, raw_mid, raw_out, mid, recompute=True)
+                recompute(gammas, betas, gammas, eps, saved, saved, raw_out, raw_mid, raw_out, mid)
         for index, p in enumerate(plan.problems):
             if not p.gemm and _has_mid_columns(p.row):
-                pooled[index] = _pooled(layout.geometry[p.members[0]][1], x)
+                pooled[index] = _pooled(p.pool, x)
                 spare = out if out is not None else torch.empty_like(raw_out)  # (columns in `out` aren't needed)
                 _columns({kconv.BUF_OUT: spare, kconv.BUF_MID: mid}, p.row, 0, p.ncols, pooled[index][0])
     d_mid = torch.zeros_like(mid) if layout.mid_channels else grad_out
@@ -403,21 +358,20 @@ def backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out, group, nee
     grads_of = {kconv.BUF_OUT: grad_out, kconv.BUF_MID: d_mid}
     dz = {kconv.BUF_OUT: dz_out, kconv.BUF_MID: dz_mid}
     dx, weight_grads, bias_grads = None, [None] * len(plan.problems), [None] * len(plan.problems)
-    for stage in reversed(plan.stages):
+    bn_launches = plan.backward_launches(launches, raw_out, raw_mid, grad_out) if x.shape[0] else ()
+    for stage, (reduce, bn_backward) in reversed(list(zip(plan.stages, bn_launches))):
         reduced = sums
         if stage.bn_parts:
-            kbn.bn_backward_reduce(stage.table, stage.splits, stage.bn_parts, gammas, betas, saved, sums, raw_out, raw_mid,
-                                   grad_out, d_mid)
+            reduce(gammas, betas, saved, sums, raw_out, raw_mid, grad_out, d_mid, raw_out, raw_mid)
             if group is not None:  # synchronised BN: the input gradient needs the global sums
                 reduced = sums.clone()  # (the parameter gradients keep the local ones, as SyncBatchNorm's)
                 _all_reduce(reduced, group)  # this stage's columns are read; the others are small
         if stage.gemm_parts:
-            kbn.bn_backward(stage.table, stage.splits, stage.gemm_parts, gammas, betas, saved, reduced, raw_out, raw_mid,
-                            grad_out, d_mid, dz_out, dz_mid)
+            bn_backward(gammas, betas, saved, reduced, raw_out, raw_mid, grad_out, d_mid, dz_out, dz_mid)
         for j in reversed(range(len(stage.problems))):
             p, index = stage.problems[j], stage.first_problem + j
             row = p.row
-            pool = None if p.members in (("head",), ("shortcut",)) else layout.geometry[p.members[0]][1]
+            pool = p.pool
             if not p.gemm:  # a pool alone: its gradient goes straight to the input
                 if need_x:
                     grad = _columns(grads_of, row, 0, p.ncols)
@@ -463,12 +417,12 @@ class TrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, group, memory_format, bns, centers, x, *params):
-        out, raw_out, raw_mid, saved = forward(plan, x, params, centers, group, memory_format)
+        out, raw_out, raw_mid, saved, launches = forward(plan, x, params, centers, group, memory_format)
         # The running statistics are updated here, inside the function, as a BatchNorm's own op
         # does: a non-reentrant checkpoint's recompute, which stops once the block's tensors are
         # saved again, updates them a second time, as it does eager BatchNorms'.
         update_running_stats(bns, saved)
-        ctx.plan, ctx.group = plan, group
+        ctx.plan, ctx.group, ctx.launches = plan, group, launches
         ctx.save_for_backward(x, raw_out, raw_mid, saved, out if plan.reads_out else None, *params)
         ctx.mark_non_differentiable(saved)
         ctx.set_materialize_grads(False)  # no zeros for `saved`'s gradient
@@ -481,6 +435,6 @@ class TrainFunction(torch.autograd.Function):
         plan = ctx.plan
         if grad_out is None:
             grad_out = torch.zeros_like(raw_out)
-        dx, weight_grads, bias_grads, sums = backward(plan, x, raw_out, raw_mid, saved, out, params, grad_out,
-                                                      ctx.group, ctx.needs_input_grad[5])
+        dx, weight_grads, bias_grads, sums = backward(plan, ctx.launches, x, raw_out, raw_mid, saved, out, params,
+                                                      grad_out, ctx.group, ctx.needs_input_grad[5])
         return (None, None, None, None, None, dx, *plan.param_grads(params, weight_grads, bias_grads, sums))

@@ -24,7 +24,6 @@ holds at call time (identity and version).
 import functools
 import operator
 
-import torch
 from torch import nn
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
@@ -51,6 +50,8 @@ _GEOMETRY = {
     nn.SyncBatchNorm: ("eps", "affine", "track_running_stats", "process_group"),
     nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
     nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+    nn.LeakyReLU: ("negative_slope",),
+    nn.GELU: ("approximate",),
 }
 _PLAIN = (bool, int, float, str, tuple, type(None))
 

@@ -9,12 +9,12 @@ table (a problem's columns go to the same channel slices of the shadows as of th
     bn_apply (forward)      with the sums taken of raw - c (c: the running mean, near the batch mean
                             once training runs, so the sum of squares doesn't cancel):
                             mean = c + sum / count,  var = sumsq / count - (sum / count)^2  (biased)
-                            y = relu?(raw * a + b)   with  a = gamma / sqrt(var + eps),  b = beta - mean * a
+                            y = act(raw * a + b)     with  a = gamma / sqrt(var + eps),  b = beta - mean * a
                             and, once per column, the mean, 1/sqrt(var + eps), the unbiased variance
                             and the count go to `saved` (for backward and the running statistics)
     bn_apply (recompute)    the same y from `saved`, for the columns that go to `mid` (backward needs
                             the intermediate results as convolution inputs; they are not kept)
-    bn_backward_reduce      g = dy * [y > 0],  zhat = (raw - mean) / sqrt(var + eps)
+    bn_backward_reduce      g = dy * act'(z),  z = raw * a + b,  zhat = (raw - mean) / sqrt(var + eps)
                             sums[col] += (sum g, sum g * zhat)   (= d beta, d gamma)
     bn_backward             (the same kernel, REDUCE off)
                             dz = gamma / sqrt(var + eps) * (g - (sum g + zhat * sum g zhat) / count)
@@ -43,9 +43,9 @@ BLOCK_N = 64
 NUM_WARPS = 4
 
 # A part: (problem index in the table, destination buffer, which columns (0: [0, split) or all
-# when the problem has one destination; 1: [split, ncols)), one destination?, ReLU, BatchNorm,
-# alignment of its channels).
-I_P, I_DST, I_SECOND, I_WHOLE, I_RELU, I_BN, I_ALIGN = (tl.constexpr(i) for i in range(7))
+# when the problem has one destination; 1: [split, ncols)), one destination?, activation
+# (kconv.ACT_*) and its slope, BatchNorm, alignment of its channels).
+I_P, I_DST, I_SECOND, I_WHOLE, I_ACT, I_SLOPE, I_BN, I_ALIGN = (tl.constexpr(i) for i in range(8))
 
 
 def parts(spec, select):
@@ -57,8 +57,8 @@ def parts(spec, select):
         dsts = (kconv.spec_field(s, "dst0"), kconv.spec_field(s, "dst1")) if split else (kconv.spec_field(s, "dst0"),)
         for second, dst in enumerate(dsts):
             if select(s, dst):
-                out.append((p, dst, second, int(not split), kconv.spec_field(s, "relu"), kconv.spec_field(s, "bn"),
-                            kconv.spec_field(s, "dalign")))
+                out.append((p, dst, second, int(not split), kconv.spec_field(s, "act"), kconv.spec_field(s, "slope"),
+                            kconv.spec_field(s, "bn"), kconv.spec_field(s, "dalign")))
     return tuple(out)
 
 
@@ -98,9 +98,9 @@ def _tile(local, P: tl.constexpr, DST: tl.constexpr, SECOND: tl.constexpr, WHOLE
     row = table_ptr + P * ROW
     first, cols, c0 = _part_columns(row, SECOND, WHOLE, ALIGN)
     # (the buffer's strides as the stage kernel reads them; there is no x here: out stands in)
-    _p, h, w, s_n, s_h, s_w, s_c = kconv._view(DST, table_ptr, table_ptr, table_ptr, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
-                                               o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc,
-                                               OUT_CL, OUT_CL, MID_CL, INT64)
+    bufs = ((table_ptr, o_h, o_w, o_sn, o_sh, o_sw, o_sc), (table_ptr, o_h, o_w, o_sn, o_sh, o_sw, o_sc),
+            (table_ptr, m_h, m_w, m_sn, m_sh, m_sw, m_sc))
+    _p, h, w, s_n, s_h, s_w, s_c = kconv._view(DST, bufs, (OUT_CL, OUT_CL, MID_CL, INT64))
     m_total = batch * h * w
     tiles_m = tl.cdiv(m_total, BLOCK_M)
     pid_m = local % tiles_m
@@ -117,7 +117,8 @@ def _tile(local, P: tl.constexpr, DST: tl.constexpr, SECOND: tl.constexpr, WHOLE
 
 @triton.jit
 def _apply_part(local, P: tl.constexpr, DST: tl.constexpr, SECOND: tl.constexpr, WHOLE: tl.constexpr,
-                RELU: tl.constexpr, BN: tl.constexpr, ALIGN: tl.constexpr, table_ptr, gamma_ptr, beta_ptr,
+                ACT: tl.constexpr, SLOPE: tl.constexpr, BN: tl.constexpr, ALIGN: tl.constexpr, table_ptr, gamma_ptr,
+                beta_ptr,
                 center_ptr, eps_ptr, stats_ptr, saved_ptr, cols, raw_out_ptr, raw_mid_ptr, out_ptr, mid_ptr, batch,
                 o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc, OUT_CL: tl.constexpr,
                 MID_CL: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, RECOMPUTE: tl.constexpr):
@@ -150,11 +151,11 @@ def _apply_part(local, P: tl.constexpr, DST: tl.constexpr, SECOND: tl.constexpr,
                 tl.store(saved_ptr + 3 * cols + col, count, mask=n_ok)
         a = tl.load(gamma_ptr + col, mask=n_ok, other=1.0).to(ACC) * invstd
         b = tl.load(beta_ptr + col, mask=n_ok, other=0.0).to(ACC) - mean * a
-        y = raw * a[None, :] + b[None, :]
+        # (rounded to the storage dtype: eager's BatchNorm output, which its activation reads)
+        y = (raw * a[None, :] + b[None, :]).to(dst_ptr.dtype.element_ty).to(ACC)
     else:
         y = raw
-    if RELU:
-        y = tl.where(y < 0.0, 0.0, y)
+    y = kconv._activate(y, ACT, SLOPE)
     tl.store(dst_ptr + off, y.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
@@ -163,10 +164,10 @@ def _apply_part(local, P: tl.constexpr, DST: tl.constexpr, SECOND: tl.constexpr,
 def _bn_apply_kernel(
     table_ptr,
     # per column: gamma, beta, centre (any float dtype), eps (ACC); accumulators [cols, 3]; saved [4, cols]
-    gamma_ptr, beta_ptr, center_ptr, eps_ptr, stats_ptr, saved_ptr, cols,
+    gamma_ptr, beta_ptr, center_ptr, eps_ptr, stats_ptr, saved_ptr,
     # shadows (read) and buffers (written); a shadow has its buffer's strides
     raw_out_ptr, raw_mid_ptr, out_ptr, mid_ptr,
-    batch,
+    cols, batch,
     o_h, o_w, o_sn, o_sh, o_sw, o_sc,
     m_h, m_w, m_sn, m_sh, m_sw, m_sc,  # (strides as kconv.kernel_geometry gives them)
     PARTS: tl.constexpr, OUT_CL: tl.constexpr, MID_CL: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -180,7 +181,8 @@ def _bn_apply_kernel(
                             o_h, o_w, m_h, m_w, BLOCK_M, BLOCK_N)
         if (pid >= start) & (pid < start + tiles):
             _apply_part(pid - start, PARTS[i][I_P], PARTS[i][I_DST], PARTS[i][I_SECOND], PARTS[i][I_WHOLE],
-                        PARTS[i][I_RELU], PARTS[i][I_BN], PARTS[i][I_ALIGN], table_ptr, gamma_ptr, beta_ptr,
+                        PARTS[i][I_ACT], PARTS[i][I_SLOPE], PARTS[i][I_BN], PARTS[i][I_ALIGN], table_ptr, gamma_ptr,
+                        beta_ptr,
                         center_ptr, eps_ptr, stats_ptr, saved_ptr, cols, raw_out_ptr, raw_mid_ptr, out_ptr, mid_ptr,
                         batch, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc, OUT_CL, MID_CL,
                         INT64, BLOCK_M, BLOCK_N, ACC, RECOMPUTE)
@@ -189,7 +191,8 @@ def _bn_apply_kernel(
 
 @triton.jit
 def _backward_part(local, P: tl.constexpr, DST: tl.constexpr, SECOND: tl.constexpr, WHOLE: tl.constexpr,
-                   RELU: tl.constexpr, BN: tl.constexpr, ALIGN: tl.constexpr, table_ptr, gamma_ptr, beta_ptr,
+                   ACT: tl.constexpr, SLOPE: tl.constexpr, BN: tl.constexpr, ALIGN: tl.constexpr, table_ptr,
+                   gamma_ptr, beta_ptr,
                    saved_ptr, sums_ptr, cols, raw_out_ptr, raw_mid_ptr, gout_ptr, dmid_ptr, dz_out_ptr, dz_mid_ptr,
                    batch, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc, g_sn, g_sh, g_sw, g_sc,
                    OUT_CL: tl.constexpr, MID_CL: tl.constexpr, G_CL: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -218,10 +221,8 @@ def _backward_part(local, P: tl.constexpr, DST: tl.constexpr, SECOND: tl.constex
         y = raw * a[None, :] + (tl.load(beta_ptr + col, mask=n_ok, other=0.0).to(ACC) - mean * a)[None, :]
     else:
         y = raw
-    if RELU:  # the mask as the forward computed it
-        g = tl.where((y <= 0.0) | ~mask, 0.0, dy)
-    else:
-        g = tl.where(mask, dy, 0.0)
+    # The activation's derivative at its input as the forward rounded it (eager's saved tensor).
+    g = tl.where(mask, kconv._activate_grad(dy, y.to(raw_ptr.dtype.element_ty).to(ACC), ACT, SLOPE), 0.0)
     if BN:
         zhat = (raw - mean[None, :]) * invstd[None, :]
         if REDUCE:
@@ -242,9 +243,9 @@ def _backward_part(local, P: tl.constexpr, DST: tl.constexpr, SECOND: tl.constex
                                "m_sh", "m_sw", "m_sc", "g_sn", "g_sh", "g_sw", "g_sc"])
 def _bn_backward_kernel(
     table_ptr,
-    gamma_ptr, beta_ptr, saved_ptr, sums_ptr, cols,  # sums: [2, cols], sum g and sum g * zhat per column
+    gamma_ptr, beta_ptr, saved_ptr, sums_ptr,  # sums: [2, cols], sum g and sum g * zhat per column
     raw_out_ptr, raw_mid_ptr, gout_ptr, dmid_ptr, dz_out_ptr, dz_mid_ptr,  # dz_*: the raw_* strides
-    batch,
+    cols, batch,
     o_h, o_w, o_sn, o_sh, o_sw, o_sc,
     m_h, m_w, m_sn, m_sh, m_sw, m_sc,
     g_sn, g_sh, g_sw, g_sc,  # grad_out strides (d_mid has mid's)
@@ -259,97 +260,98 @@ def _bn_backward_kernel(
                             o_h, o_w, m_h, m_w, BLOCK_M, BLOCK_N)
         if (pid >= start) & (pid < start + tiles):
             _backward_part(pid - start, PARTS[i][I_P], PARTS[i][I_DST], PARTS[i][I_SECOND], PARTS[i][I_WHOLE],
-                           PARTS[i][I_RELU], PARTS[i][I_BN], PARTS[i][I_ALIGN], table_ptr, gamma_ptr, beta_ptr,
+                           PARTS[i][I_ACT], PARTS[i][I_SLOPE], PARTS[i][I_BN], PARTS[i][I_ALIGN], table_ptr, gamma_ptr,
+                           beta_ptr,
                            saved_ptr, sums_ptr, cols, raw_out_ptr, raw_mid_ptr, gout_ptr, dmid_ptr, dz_out_ptr,
                            dz_mid_ptr, batch, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc,
                            g_sn, g_sh, g_sw, g_sc, OUT_CL, MID_CL, G_CL, INT64, BLOCK_M, BLOCK_N, ACC, REDUCE)
         start += tiles
 
 
-def _grid(parts_, table_ncols, out, mid):
-    """Programs for `parts_` (host copies: per problem (ncols, split))."""
+def _programs(parts_, columns, out, mid):
+    """Programs for `parts_` (columns: host copies, per problem (ncols, split))."""
     batch = out.shape[0]
     total = 0
     for p, dst, second, whole, *_ in parts_:
-        ncols, split = table_ncols[p]
+        ncols, split = columns[p]
         cols = ncols if whole else (ncols - split if second else split)
         t = mid if dst == kconv.BUF_MID else out
         total += triton.cdiv(batch * t.shape[2] * t.shape[3], BLOCK_M) * triton.cdiv(cols, BLOCK_N)
-    return (total,)
+    return total
 
 
-def _layout(out, mid):
-    """(geometry arguments, constexprs) of the out-like and mid-like buffers of a launch."""
-    out_cl, mid_cl = kconv._channels_last(out), kconv._channels_last(mid)
-    return ((*kconv.kernel_geometry(out, out_cl), *kconv.kernel_geometry(mid, mid_cl)),
-            dict(OUT_CL=out_cl, MID_CL=mid_cl, INT64=max(out.numel(), mid.numel()) >= 2**31))
+class _PartsLaunch(kconv.CachedLaunch):
+    """A launch over `parts_` of a stage (see kconv.CachedLaunch): `out`/`mid` (or their shadows)
+    give the pixel counts, layouts and the accumulator dtype, `cols` the block's columns."""
+
+    __slots__ = ("table", "programs")
+
+    def _setup(self, table, columns, parts_, cols, out, mid, extra_tail=(), checked=(), **consts):
+        out_cl, mid_cl = kconv._channels_last(out), kconv._channels_last(mid)
+        self.table = table
+        self.programs = _programs(parts_, columns, out, mid)
+        consts = dict(PARTS=parts_, OUT_CL=out_cl, MID_CL=mid_cl, INT64=max(out.numel(), mid.numel()) >= 2**31,
+                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ACC=kconv.accumulator(out.dtype), **consts)
+        tail = (cols, out.shape[0], *kconv.kernel_geometry(out, out_cl), *kconv.kernel_geometry(mid, mid_cl),
+                *extra_tail)
+        self._init(consts, tail, out.device, lambda meta: (self.programs,), checked=checked,
+                   config=triton.Config({}, num_warps=NUM_WARPS))
+
+    def launch(self, tensors):
+        if self.programs:  # (no parts, or no pixels: nothing to launch)
+            super().launch(tensors)
 
 
-def bn_apply(table, columns, parts_, gamma, beta, center, eps, stats, saved, raw_out, raw_mid, out, mid,
-             recompute=False):
+class ApplyLaunch(_PartsLaunch):
     """Normalise, scale, shift and ReLU the pre-activations of a stage's BatchNorm problems.
 
-    Args:
-        table: the stage's problem table (as for conv.conv_stage).
-        columns: host copy, per problem of the table: (ncols, split).
-        parts_: the launch's PARTS (see `parts`): the BatchNorm problems' parts (forward), or
-            the parts in `mid` of the convolutions (recompute).
-        gamma, beta, center: per column (1-D, indexed by ss_off + column), any float dtype.
-        eps: per column, the accumulator dtype.
-        stats: [columns, 3] sums and sums of squares of (raw - center), and counts, from
-            conv_stage (forward only).
-        saved: [4, columns] of the accumulator dtype: written in forward (mean, 1/sqrt(var + eps),
-            unbiased variance, count), read when recomputing.
-        raw_out, raw_mid: the shadows conv_stage wrote; out, mid: the buffers (same strides;
-            `mid` channels_last).
-        recompute: write the parts from `saved` (backward).
-    """
-    geometry, layout = _layout(out, mid)
-    _launch(_bn_apply_kernel, parts_, columns, out, mid,
-            (table, gamma, beta, center, eps, stats, saved, saved.shape[1], raw_out, raw_mid, out, mid, out.shape[0],
-             *geometry), RECOMPUTE=recompute, **layout)
+    Built with: table (the stage's problem table, as for conv.conv_stage); columns (host copy,
+    per problem of the table: (ncols, split)); parts_ (the launch's PARTS, see `parts`: the
+    BatchNorm problems' parts (forward), or the parts in `mid` of the convolutions
+    (recompute)); cols (the block's columns); out, mid (the buffers, `mid` channels_last);
+    recompute (write the parts from `saved`: backward).
+
+    Called with: gamma, beta, center (per column, 1-D, indexed by ss_off + column, any float
+    dtype); eps (per column, the accumulator dtype); stats ([cols, 3] sums and sums of squares
+    of (raw - center), and counts, from conv_stage: forward only); saved ([4, cols] of the
+    accumulator dtype: written in forward (mean, 1/sqrt(var + eps), unbiased variance, count),
+    read when recomputing); raw_out, raw_mid (the shadows conv_stage wrote) and out, mid (same
+    strides as when built)."""
+
+    __slots__ = ()
+    kernel = _bn_apply_kernel
+    meta_names = ("PARTS", "OUT_CL", "MID_CL", "INT64", "BLOCK_M", "BLOCK_N", "ACC", "RECOMPUTE")
+
+    def __init__(self, table, columns, parts_, cols, out, mid, recompute=False):
+        self._setup(table, columns, parts_, cols, out, mid, RECOMPUTE=recompute)
+
+    def __call__(self, gamma, beta, center, eps, stats, saved, raw_out, raw_mid, out, mid):
+        self.launch((self.table, gamma, beta, center, eps, stats, saved, raw_out, raw_mid, out, mid))
 
 
-def bn_backward_reduce(table, columns, parts_, gamma, beta, saved, sums, raw_out, raw_mid, grad_out, d_mid):
-    """Add, per column of the stage's BatchNorm problems (`parts_`), sum(g) and sum(g * zhat)
-    into sums[0] and sums[1] ([2, columns], zero-initialised, accumulator dtype), g being the
-    gradient after the ReLU. grad_out: the gradient of the block output (any strides); d_mid:
-    that of `mid` (mid's strides)."""
-    _backward(True, table, columns, parts_, gamma, beta, saved, sums, raw_out, raw_mid, grad_out, d_mid, raw_out,
-              raw_mid)
+class BackwardLaunch(_PartsLaunch):
+    """The BatchNorm + ReLU backward of a stage's parts, in one of two launches.
 
+    reduce=True: add, per column of the stage's BatchNorm problems (`parts_`), sum(g) and
+    sum(g * zhat) into sums[0] and sums[1] ([2, cols], zero-initialised, accumulator dtype), g
+    being the gradient after the ReLU. reduce=False: write the gradient of every convolution's
+    pre-activation (through ReLU and BatchNorm) into dz_out / dz_mid (the strides of raw_out /
+    raw_mid), for the parts of a stage's convolutions; sums from the reduce launch, summed over
+    every process of a synchronised BatchNorm.
 
-def bn_backward(table, columns, parts_, gamma, beta, saved, sums, raw_out, raw_mid, grad_out, d_mid, dz_out, dz_mid):
-    """Write the gradient of every convolution's pre-activation (through ReLU and BatchNorm) into
-    dz_out / dz_mid (the strides of raw_out / raw_mid), for the parts of a stage's convolutions;
-    sums: [2, columns] from bn_backward_reduce, summed over every process of a synchronised
-    BatchNorm."""
-    _backward(False, table, columns, parts_, gamma, beta, saved, sums, raw_out, raw_mid, grad_out, d_mid, dz_out,
-              dz_mid)
+    Built with the table, columns, parts_ and cols as ApplyLaunch, raw_out and raw_mid (the
+    shadows), and grad_out (the gradient of the block output, any strides: the launch is for
+    its strides). Called with gamma, beta, saved, sums, raw_out, raw_mid, grad_out, d_mid (the
+    gradient of `mid`, mid's strides), dz_out, dz_mid."""
 
+    __slots__ = ()
+    kernel = _bn_backward_kernel
+    meta_names = ("PARTS", "OUT_CL", "MID_CL", "G_CL", "INT64", "BLOCK_M", "BLOCK_N", "ACC", "REDUCE")
 
-def _backward(reduce, table, columns, parts_, gamma, beta, saved, sums, raw_out, raw_mid, grad_out, d_mid, dz_out,
-              dz_mid):
-    geometry, layout = _layout(raw_out, raw_mid)
-    g_cl = kconv._channels_last(grad_out)
-    if any(part[1] == kconv.BUF_MID for part in parts_) and d_mid.stride() != raw_mid.stride():
-        raise ValueError("bn_backward: d_mid must have mid's strides")
-    _launch(_bn_backward_kernel, parts_, columns, raw_out, raw_mid,
-            (table, gamma, beta, saved, sums, saved.shape[1], raw_out, raw_mid, grad_out, d_mid, dz_out, dz_mid,
-             raw_out.shape[0], *geometry, *kconv.kernel_geometry(grad_out, g_cl)[2:]),
-            G_CL=g_cl, REDUCE=reduce, **layout)
+    def __init__(self, table, columns, parts_, cols, raw_out, raw_mid, grad_out, reduce):
+        g_cl = kconv._channels_last(grad_out)
+        self._setup(table, columns, parts_, cols, raw_out, raw_mid,
+                    extra_tail=kconv.kernel_geometry(grad_out, g_cl)[2:], checked=(7,), G_CL=g_cl, REDUCE=reduce)
 
-
-def _launch(kernel, parts_, columns, out, mid, args, **meta):
-    """One launch of `kernel` over `parts_` (none if they have no programs): `out`/`mid` (or their
-    shadows) give the pixel counts and the accumulator dtype."""
-    grid = _grid(parts_, columns, out, mid)
-    if grid[0] == 0:
-        return
-    meta = dict(meta, PARTS=parts_, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ACC=kconv.accumulator(out.dtype))
-    if kconv._recorder is not None:
-        kconv._recorder.append((kernel, args, meta, [triton.Config({}, num_warps=NUM_WARPS)]))
-    else:
-        with kconv.hidden_from_dispatch():
-            kernel[grid](*args, num_warps=NUM_WARPS, **meta)
-    kconv.count_launch()
+    def __call__(self, gamma, beta, saved, sums, raw_out, raw_mid, grad_out, d_mid, dz_out, dz_mid):
+        self.launch((self.table, gamma, beta, saved, sums, raw_out, raw_mid, grad_out, d_mid, dz_out, dz_mid))

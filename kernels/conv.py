@@ -10,7 +10,7 @@ reads what another writes. Every problem is an implicit GEMM
         acc = sum over taps (r, s) and channels c of  src[img, oh*SH - PH + r, ow*SW - PW + s, src_c + c] * w[(r*KW + s)*cin + c, n]
         y   = acc * scale[n] + shift[n]          # folded BatchNorm and conv bias, in fp32
         y  += x[img, oh, ow, n] if RES           # Inception-ResNet: scale folded into scale/shift
-        y   = max(y, 0) if RELU                  # NaN stays NaN, as in torch.relu
+        y   = act(y)                             # ACT_*: ReLU, ReLU6, LeakyReLU, SiLU, GELU, Hardswish or none
         dst[img, oh, ow, dst_c + n] = y          # a channel slice of the block output or of `mid`
 
 A 1x1 problem may carry a pre-pool (max, average counting the padding, or average over the
@@ -93,13 +93,25 @@ RES_NONE = 0
 RES_X = 1  # the block input at the same pixel and channel
 RES_MID = 2  # a slice of `mid` at the same pixel, from channel res_c: a projection shortcut's result
 
+# Activations (the `act` of a spec; kernels.batchnorm's too): _activate and _activate_grad.
+ACT_NONE = 0
+ACT_RELU = 1
+ACT_RELU6 = 2  # F.relu6: hardtanh(0, 6)
+ACT_LEAKY_RELU = 3  # negative slope: the spec's `slope`
+ACT_SILU = 4
+ACT_GELU = 5  # the erf form (approximate="none")
+ACT_GELU_TANH = 6  # approximate="tanh"
+ACT_HARDSWISH = 7
+
 # The compile-time fields of a problem, in the order of a ProblemSpec tuple. Kernels index specs
 # with the I_* constants below (Triton 3.6 has no attribute access on constexpr tuples).
 SPEC_FIELDS = (
     "kind", "src", "dst0", "dst1", "split",  # split: 1 if columns >= table's split go to dst1
     "kh", "kw", "sh", "sw", "ph", "pw",  # convolution
     "pool", "pkh", "pkw", "psh", "psw", "pph", "ppw",  # pre-pool or pool alone
-    "res", "relu", "bn",  # residual (RES_*); ReLU; training BatchNorm follows (kernels.batchnorm)
+    "res",  # residual (RES_*)
+    "act", "slope",  # activation (ACT_*) and LeakyReLU's negative slope (a float)
+    "bn",  # training: BatchNorm follows (kernels.batchnorm)
     "align",  # power of two (<= 8) dividing every channel count, offset and row pitch it touches
     "walign",  # power of two (<= 8) dividing the problem's weight offset and row pitch
     "dalign",  # power of two (<= 8) dividing its columns, split and destination channels and pitches
@@ -107,7 +119,7 @@ SPEC_FIELDS = (
 I_KIND, I_SRC, I_DST0, I_DST1, I_SPLIT = (tl.constexpr(i) for i in range(5))
 I_KH, I_KW, I_SH, I_SW, I_PH, I_PW = (tl.constexpr(i) for i in range(5, 11))
 I_POOL, I_PKH, I_PKW, I_PSH, I_PSW, I_PPH, I_PPW = (tl.constexpr(i) for i in range(11, 18))
-I_RES, I_RELU, I_BN, I_ALIGN, I_WALIGN, I_DALIGN = (tl.constexpr(i) for i in range(18, 24))
+I_RES, I_ACT, I_SLOPE, I_BN, I_ALIGN, I_WALIGN, I_DALIGN = (tl.constexpr(i) for i in range(18, 25))
 
 # The runtime fields of a problem: one int32 row of the stage's table.
 TABLE_FIELDS = ("cin", "ncols", "src_c", "split", "dst0_c", "dst1_c", "w_off", "w_ld", "ss_off", "res_c")
@@ -120,12 +132,13 @@ W_ALIGN = 8
 
 
 def problem_spec(kind=KIND_GEMM, src=BUF_X, dst0=BUF_OUT, dst1=None, split=0, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0,
-                 pool=POOL_NONE, pkh=1, pkw=1, psh=1, psw=1, pph=0, ppw=0, res=0, relu=0, bn=0, align=1, walign=1,
-                 dalign=None):
-    """A ProblemSpec: the tuple of SPEC_FIELDS (ints), hashable and passed as a constexpr."""
+                 pool=POOL_NONE, pkh=1, pkw=1, psh=1, psw=1, pph=0, ppw=0, res=0, act=ACT_NONE, slope=0.0, bn=0,
+                 align=1, walign=1, dalign=None):
+    """A ProblemSpec: the tuple of SPEC_FIELDS (ints; `slope` a float), hashable and passed as a
+    constexpr."""
     return (int(kind), int(src), int(dst0), int(dst0 if dst1 is None else dst1), int(split), int(kh), int(kw),
             int(sh), int(sw), int(ph), int(pw), int(pool), int(pkh), int(pkw), int(psh), int(psw), int(pph),
-            int(ppw), int(res), int(relu), int(bn), int(align), int(walign),
+            int(ppw), int(res), int(act), float(slope), int(bn), int(align), int(walign),
             int(align if dalign is None else dalign))
 
 
@@ -138,28 +151,20 @@ def spec_field(spec, name):
 
 
 @triton.jit
-def _view(SEL: tl.constexpr, x_ptr, out_ptr, mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw,
-          o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc, X_CL: tl.constexpr, OUT_CL: tl.constexpr, MID_CL: tl.constexpr,
-          INT64: tl.constexpr):
+def _view(SEL: tl.constexpr, bufs, LAYOUT: tl.constexpr):
     """(pointer, H, W, stride N, stride H, stride W, stride C) of buffer SEL (BUF_X, BUF_OUT,
-    BUF_MID). A channels_last buffer (X_CL, OUT_CL, MID_CL: channel stride 1, row pitches
-    multiples of 8) has its pitches passed in units of 8 and its channel stride is the constant
-    1, so the compiler sees contiguous, 16-byte aligned channels. int64 strides when INT64."""
-    if SEL == 0:
-        ptr, h, w, s_n, s_h, s_w, s_c = x_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc
-        CL: tl.constexpr = X_CL
-    elif SEL == 1:
-        ptr, h, w, s_n, s_h, s_w, s_c = out_ptr, o_h, o_w, o_sn, o_sh, o_sw, o_sc
-        CL: tl.constexpr = OUT_CL
-    else:
-        ptr, h, w, s_n, s_h, s_w, s_c = mid_ptr, m_h, m_w, m_sn, m_sh, m_sw, m_sc
-        CL: tl.constexpr = MID_CL
-    if INT64:
+    BUF_MID) of `bufs`, the three buffers as such tuples. LAYOUT: (X_CL, OUT_CL, MID_CL, INT64).
+    A channels_last buffer (*_CL: channel stride 1, row pitches multiples of 8) has its pitches
+    passed in units of 8 and its channel stride is the constant 1, so the compiler sees
+    contiguous, 16-byte aligned channels. int64 strides when INT64 (some buffer has 2**31
+    elements or more)."""
+    ptr, h, w, s_n, s_h, s_w, s_c = bufs[SEL]
+    if LAYOUT[3]:
         s_n = s_n.to(tl.int64)
         s_h = s_h.to(tl.int64)
         s_w = s_w.to(tl.int64)
         s_c = s_c.to(tl.int64)
-    if CL:
+    if LAYOUT[SEL]:
         return ptr, h, w, s_n * 8, s_h * 8, s_w * 8, 1
     else:
         return ptr, h, w, s_n, s_h, s_w, s_c
@@ -172,6 +177,55 @@ def _load_center(center_ptr, col, mask, ACC: tl.constexpr):
     spoil the next batches' statistics, which eager computes without it."""
     c = tl.load(center_ptr + col, mask=mask, other=0.0).to(ACC)
     return tl.where((c == c) & (tl.abs(c) != float("inf")), c, 0.0)
+
+
+@triton.jit
+def _activate(y, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    """act(y) as PyTorch computes it in fp32 (ATen's formulas; NaN stays NaN). ReLU, ReLU6 and
+    no activation also serve y of the storage dtype (they only select: exact in any dtype)."""
+    if ACT == 1:  # relu
+        y = tl.where(y < 0.0, 0.0, y)
+    elif ACT == 2:  # relu6 = hardtanh(0, 6)
+        y = tl.where(y < 0.0, 0.0, tl.where(y > 6.0, 6.0, y))
+    elif ACT == 3:  # leaky_relu
+        y = tl.where(y > 0.0, y, y * SLOPE)
+    elif ACT == 4:  # silu
+        y = y / (1.0 + tl.exp(-y))
+    elif ACT == 5:  # gelu
+        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    elif ACT == 6:  # gelu, approximate="tanh": tanh(u) = 1 - 2 / (exp(2u) + 1)
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = 0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    elif ACT == 7:  # hardswish
+        y = y * tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0
+    return y
+
+
+@triton.jit
+def _activate_grad(g, y, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    """g * act'(y), fp32, as ATen's backward computes it, at the kinks too: relu 0 at y <= 0
+    (threshold_backward), relu6 0 at y <= 0 and y >= 6 (hardtanh_backward), leaky_relu the
+    slope at y <= 0, hardswish 0 at y <= -3, y / 3 + 0.5 between, 1 at y >= 3."""
+    if ACT == 1:
+        g = tl.where(y <= 0.0, 0.0, g)
+    elif ACT == 2:
+        g = tl.where((y <= 0.0) | (y >= 6.0), 0.0, g)
+    elif ACT == 3:
+        g = tl.where(y > 0.0, g, g * SLOPE)
+    elif ACT == 4:
+        sig = 1.0 / (1.0 + tl.exp(-y))
+        g = g * sig * (1.0 + y * (1.0 - sig))
+    elif ACT == 5:
+        cdf = 0.5 * (1.0 + tl.erf(y * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * y * y) * 0.3989422804014327
+        g = g * (cdf + y * pdf)
+    elif ACT == 6:
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+        g = g * (0.5 * (1.0 + t) + 0.5 * y * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * y * y))
+    elif ACT == 7:
+        g = tl.where(y <= -3.0, 0.0, tl.where(y < 3.0, g * (y / 3.0 + 0.5), g))
+    return g
 
 
 @triton.jit
@@ -220,35 +274,49 @@ def _dot(a, b, acc, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, AC
 
 
 @triton.jit
-def _problem(local, P: tl.constexpr, table_ptr, w_ptr, scale_ptr, shift_ptr, x_ptr, out_ptr, mid_ptr,
-             raw_out_ptr, raw_mid_ptr, stats_ptr, center_ptr, batch,
-             x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc,
-             KIND: tl.constexpr, SRC: tl.constexpr, DST0: tl.constexpr, DST1: tl.constexpr, SPLIT: tl.constexpr,
-             KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
-             PW: tl.constexpr, POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, PSH: tl.constexpr,
-             PSW: tl.constexpr, PPH: tl.constexpr, PPW: tl.constexpr, RES: tl.constexpr, RELU: tl.constexpr,
-             BN: tl.constexpr, ALIGN: tl.constexpr, WALIGN: tl.constexpr, DALIGN: tl.constexpr,
-             X_CL: tl.constexpr, OUT_CL: tl.constexpr, MID_CL: tl.constexpr, INT64: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-             INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr, TRAIN: tl.constexpr):
-    """Tile `local` of problem P: a [BLOCK_M pixels, BLOCK_N columns] block of its result."""
+def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_ptr, shift_ptr, bufs, raws, stats_ptr,
+             center_ptr, batch, LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+             TRAIN: tl.constexpr):
+    """Tile `local` of problem P (spec S): a [BLOCK_M pixels, BLOCK_N columns] block of its
+    result. bufs: (x, out, mid), each (pointer, H, W, stride N, H, W, C); raws: the training
+    shadows (raw_out, raw_mid); LAYOUT: see _view."""
+    KIND: tl.constexpr = S[I_KIND]
+    SRC: tl.constexpr = S[I_SRC]
+    DST0: tl.constexpr = S[I_DST0]
+    DST1: tl.constexpr = S[I_DST1]
+    SPLIT: tl.constexpr = S[I_SPLIT]
+    KH: tl.constexpr = S[I_KH]
+    KW: tl.constexpr = S[I_KW]
+    SH: tl.constexpr = S[I_SH]
+    SW: tl.constexpr = S[I_SW]
+    PH: tl.constexpr = S[I_PH]
+    PW: tl.constexpr = S[I_PW]
+    POOL: tl.constexpr = S[I_POOL]
+    PKH: tl.constexpr = S[I_PKH]
+    PKW: tl.constexpr = S[I_PKW]
+    PSH: tl.constexpr = S[I_PSH]
+    PSW: tl.constexpr = S[I_PSW]
+    PPH: tl.constexpr = S[I_PPH]
+    PPW: tl.constexpr = S[I_PPW]
+    RES: tl.constexpr = S[I_RES]
+    ACT: tl.constexpr = S[I_ACT]
+    SLOPE: tl.constexpr = S[I_SLOPE]
+    BN: tl.constexpr = S[I_BN]
+    ALIGN: tl.constexpr = S[I_ALIGN]
+    WALIGN: tl.constexpr = S[I_WALIGN]
+    DALIGN: tl.constexpr = S[I_DALIGN]
     row = table_ptr + P * ROW
     cin = tl.multiple_of(tl.load(row + T_CIN), ALIGN)
     ncols = tl.multiple_of(tl.load(row + T_NCOLS), ALIGN)
     src_c = tl.multiple_of(tl.load(row + T_SRC_C), ALIGN)
-    src, ih, iw, s_n, s_h, s_w, s_c = _view(SRC, x_ptr, out_ptr, mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
-                                            m_h, m_w, m_sn, m_sh, m_sw, m_sc, X_CL, OUT_CL, MID_CL, INT64)
+    src, ih, iw, s_n, s_h, s_w, s_c = _view(SRC, bufs, LAYOUT)
     dtype = src.dtype.element_ty
     # (the interpreter has no bf16 constants: max pools of bf16 are taken in fp32 there)
     MAX_DTYPE: tl.constexpr = tl.float32 if DOT_IN_FP32 else dtype
 
     # Pixels: the output size is that of the destination (dst0 and dst1 agree: the plan checks).
-    if DST0 == 1:
-        oh = o_h
-        ow = o_w
-    else:
-        oh = m_h
-        ow = m_w
+    _d, oh, ow, _n, _h, _w, _c = bufs[DST0]
     m_total = batch * oh * ow
     tiles_m = tl.cdiv(m_total, BLOCK_M)
     pid_m = local % tiles_m  # M fastest: neighbouring programs share a weight tile
@@ -273,9 +341,8 @@ def _problem(local, P: tl.constexpr, table_ptr, w_ptr, scale_ptr, shift_ptr, x_p
             c_ok = offs_c < ncols
             pooled = _pooled(src, img_off, oy * PSH - PPH, ox * PSW - PPW, ih, iw, s_h, s_w, (src_c + offs_c) * s_c,
                              m_ok, c_ok, POOL, PKH, PKW, MAX_DTYPE)
-            _store(DST0, dst0_c, c_ok, pooled, pooled, img, oy, ox, m_ok, offs_c, x_ptr, out_ptr, mid_ptr,
-                   raw_out_ptr, raw_mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h,
-                   m_w, m_sn, m_sh, m_sw, m_sc, KIND, 0, DALIGN, X_CL, OUT_CL, MID_CL, INT64, TRAIN)
+            _store(DST0, dst0_c, c_ok, pooled, pooled, img, oy, ox, m_ok, offs_c, bufs, raws, KIND, 0, DALIGN, LAYOUT,
+                   TRAIN)
     else:
         # The K chunk: BLOCK_K for 16-bit operands, half of it for fp32 (same bytes per tile).
         # (Inline: Triton 3.6 returns a tensor, not a constexpr, from a jit helper.)
@@ -354,8 +421,7 @@ def _problem(local, P: tl.constexpr, table_ptr, w_ptr, scale_ptr, shift_ptr, x_p
             res_c = 0
             if RES == 2:
                 res_c = tl.multiple_of(tl.load(row + T_RES_C), ALIGN)
-            xp, _xh, _xw, xs_n, xs_h, xs_w, xs_c = _view(RES_BUF, x_ptr, out_ptr, mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
-                                                         m_h, m_w, m_sn, m_sh, m_sw, m_sc, X_CL, OUT_CL, MID_CL, INT64)
+            xp, _xh, _xw, xs_n, xs_h, xs_w, xs_c = _view(RES_BUF, bufs, LAYOUT)
             acc += tl.load(xp + (img * xs_n + oy * xs_h + ox * xs_w)[:, None] + ((res_c + offs_n) * xs_c)[None, :],
                            mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
         pre = acc.to(dtype)  # the pre-activation as stored (and as eager rounds it)
@@ -367,47 +433,42 @@ def _problem(local, P: tl.constexpr, table_ptr, w_ptr, scale_ptr, shift_ptr, x_p
                 tl.atomic_add(stats_ptr + ss_col * 3, tl.sum(v, 0), mask=n_ok)
                 tl.atomic_add(stats_ptr + ss_col * 3 + 1, tl.sum(v * v, 0), mask=n_ok)
                 tl.atomic_add(stats_ptr + ss_col * 3 + 2, tl.zeros((BLOCK_N,), ACC) + tl.sum(m_ok.to(ACC), 0), mask=n_ok)
-        if TRAIN:
-            # From the stored pre-activation (rounding is monotonic: the same values), so that
-            # the fp32 accumulator is dead here: training keeps `pre` alive for its own store.
-            y = tl.where(pre < 0.0, 0.0, pre) if RELU else pre
+        # The activation reads the pre-activation rounded to the storage dtype, as eager's reads
+        # its input tensor. ReLU, ReLU6 and none only select values: rounding commutes with them
+        # and they run on the wider value (inference: `acc`, dead after) or, in training, on the
+        # stored `pre` itself (so that the accumulator is dead here: `pre` stays alive for its
+        # own store). The others compute in fp32 from the rounded value.
+        if ACT <= 2:
+            if TRAIN:
+                y = _activate(pre, ACT, SLOPE)
+            else:
+                y = _activate(acc, ACT, SLOPE).to(dtype)
         else:
-            if RELU:
-                acc = tl.where(acc < 0.0, 0.0, acc)  # (NaN < 0 is false: NaN stays)
-            y = acc.to(dtype)
+            y = _activate(pre.to(ACC), ACT, SLOPE).to(dtype)
 
         if SPLIT:  # columns < split to dst0, the rest to dst1
             split = tl.multiple_of(tl.load(row + T_SPLIT), DALIGN)
-            _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok & (offs_n < split), y, pre, img, oy, ox, m_ok, offs_n, x_ptr,
-                   out_ptr, mid_ptr, raw_out_ptr, raw_mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh,
-                   o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc, KIND, BN, DALIGN, X_CL, OUT_CL, MID_CL, INT64, TRAIN)
-            _store(DST1, tl.multiple_of(tl.load(row + T_DST1_C) - split, DALIGN), n_ok & (offs_n >= split), y, pre, img, oy, ox, m_ok, offs_n,
-                   x_ptr, out_ptr, mid_ptr, raw_out_ptr, raw_mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn,
-                   o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc, KIND, BN, DALIGN, X_CL, OUT_CL, MID_CL, INT64, TRAIN)
+            _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok & (offs_n < split), y, pre, img, oy, ox,
+                   m_ok, offs_n, bufs, raws, KIND, BN, DALIGN, LAYOUT, TRAIN)
+            _store(DST1, tl.multiple_of(tl.load(row + T_DST1_C) - split, DALIGN), n_ok & (offs_n >= split), y, pre,
+                   img, oy, ox, m_ok, offs_n, bufs, raws, KIND, BN, DALIGN, LAYOUT, TRAIN)
         else:
-            _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok, y, pre, img, oy, ox, m_ok, offs_n, x_ptr, out_ptr, mid_ptr,
-                   raw_out_ptr, raw_mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w,
-                   m_sn, m_sh, m_sw, m_sc, KIND, BN, DALIGN, X_CL, OUT_CL, MID_CL, INT64, TRAIN)
+            _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok, y, pre, img, oy, ox, m_ok, offs_n, bufs,
+                   raws, KIND, BN, DALIGN, LAYOUT, TRAIN)
 
 
 @triton.jit
-def _store(DST: tl.constexpr, c_base, col_ok, y, pre, img, oy, ox, m_ok, offs_n, x_ptr, out_ptr, mid_ptr,
-           raw_out_ptr, raw_mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
-           m_h, m_w, m_sn, m_sh, m_sw, m_sc, KIND: tl.constexpr, BN: tl.constexpr, ALIGN: tl.constexpr,
-           X_CL: tl.constexpr, OUT_CL: tl.constexpr, MID_CL: tl.constexpr, INT64: tl.constexpr, TRAIN: tl.constexpr):
+def _store(DST: tl.constexpr, c_base, col_ok, y, pre, img, oy, ox, m_ok, offs_n, bufs, raws, KIND: tl.constexpr,
+           BN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr, TRAIN: tl.constexpr):
     """Write the columns `col_ok` of a tile to buffer DST at channel c_base + column (training:
-    the pre-activations to DST's shadow too)."""
-    dst, _h, _w, d_n, d_h, d_w, d_c = _view(DST, x_ptr, out_ptr, mid_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc,
-                                            m_h, m_w, m_sn, m_sh, m_sw, m_sc, X_CL, OUT_CL, MID_CL, INT64)
+    the pre-activations to DST's shadow, raws[0] for the output, raws[1] for `mid`, too)."""
+    dst, _h, _w, d_n, d_h, d_w, d_c = _view(DST, bufs, LAYOUT)
     col = c_base + offs_n  # (c_base carries its alignment hint: hints on a parameter are lost)
     offset = (img * d_n + oy * d_h + ox * d_w)[:, None] + (col * d_c)[None, :]
     mask = m_ok[:, None] & col_ok[None, :]
     if TRAIN:
         if KIND != 2:  # what the backward pass needs: the pre-activation (shadows: DST's strides)
-            if DST == 1:
-                tl.store(raw_out_ptr + offset, pre, mask=mask)
-            else:
-                tl.store(raw_mid_ptr + offset, pre, mask=mask)
+            tl.store(raws[DST - 1] + offset, pre, mask=mask)
         if not BN:  # with BatchNorm the result is written by bn_apply once the statistics are complete
             tl.store(dst + offset, y, mask=mask)
     else:
@@ -415,13 +476,10 @@ def _store(DST: tl.constexpr, c_base, col_ok, y, pre, img, oy, ox, m_ok, offs_n,
 
 
 @triton.jit
-def _tiles(P: tl.constexpr, DST0: tl.constexpr, table_ptr, batch, o_h, o_w, m_h, m_w,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tiles(P: tl.constexpr, DST0: tl.constexpr, table_ptr, batch, bufs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Programs of problem P: ceil(M / BLOCK_M) * ceil(ncols / BLOCK_N)."""
-    if DST0 == 1:
-        m = batch * o_h * o_w
-    else:
-        m = batch * m_h * m_w
+    _d, h, w, _n, _h, _w, _c = bufs[DST0]
+    m = batch * h * w
     return tl.cdiv(m, BLOCK_M) * tl.cdiv(tl.load(table_ptr + P * ROW + T_NCOLS), BLOCK_N)
 
 
@@ -448,28 +506,24 @@ def _stage_kernel(
     tune_m, tune_n, tune_k,
     # meta-parameters
     SPEC: tl.constexpr,  # tuple of problem specs (see SPEC_FIELDS)
-    X_CL: tl.constexpr, OUT_CL: tl.constexpr, MID_CL: tl.constexpr,  # channels_last, pitches multiples of 8
-    INT64: tl.constexpr,  # some buffer has 2**31 elements or more
+    LAYOUT: tl.constexpr,  # (X_CL, OUT_CL, MID_CL: channels_last, pitches multiples of 8; INT64: some
+    # buffer has 2**31 elements or more)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter with bf16)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
     ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 for float64 tensors)
     TRAIN: tl.constexpr,  # training epilogue (see _problem)
 ):
+    bufs = ((x_ptr, x_h, x_w, x_sn, x_sh, x_sw, x_sc), (out_ptr, o_h, o_w, o_sn, o_sh, o_sw, o_sc),
+            (mid_ptr, m_h, m_w, m_sn, m_sh, m_sw, m_sc))
+    raws = (raw_out_ptr, raw_mid_ptr)
     pid = tl.program_id(0)
     start = 0
     for p in tl.static_range(len(SPEC)):
-        tiles = _tiles(p, SPEC[p][I_DST0], table_ptr, batch, o_h, o_w, m_h, m_w, BLOCK_M, BLOCK_N)
+        tiles = _tiles(p, SPEC[p][I_DST0], table_ptr, batch, bufs, BLOCK_M, BLOCK_N)
         if (pid >= start) & (pid < start + tiles):
-            _problem(pid - start, p, table_ptr, w_ptr, scale_ptr, shift_ptr, x_ptr, out_ptr, mid_ptr,
-                     raw_out_ptr, raw_mid_ptr, stats_ptr, center_ptr, batch,
-                     x_h, x_w, x_sn, x_sh, x_sw, x_sc, o_h, o_w, o_sn, o_sh, o_sw, o_sc, m_h, m_w, m_sn, m_sh, m_sw, m_sc,
-                     SPEC[p][I_KIND], SPEC[p][I_SRC], SPEC[p][I_DST0], SPEC[p][I_DST1], SPEC[p][I_SPLIT],
-                     SPEC[p][I_KH], SPEC[p][I_KW], SPEC[p][I_SH], SPEC[p][I_SW], SPEC[p][I_PH], SPEC[p][I_PW],
-                     SPEC[p][I_POOL], SPEC[p][I_PKH], SPEC[p][I_PKW], SPEC[p][I_PSH], SPEC[p][I_PSW],
-                     SPEC[p][I_PPH], SPEC[p][I_PPW], SPEC[p][I_RES], SPEC[p][I_RELU], SPEC[p][I_BN],
-                     SPEC[p][I_ALIGN], SPEC[p][I_WALIGN], SPEC[p][I_DALIGN], X_CL, OUT_CL, MID_CL, INT64, BLOCK_M, BLOCK_N, BLOCK_K, DOT_IN_FP32,
-                     INPUT_PRECISION, ACC, TRAIN)
+            _problem(pid - start, p, SPEC[p], table_ptr, w_ptr, scale_ptr, shift_ptr, bufs, raws, stats_ptr,
+                     center_ptr, batch, LAYOUT, BLOCK_M, BLOCK_N, BLOCK_K, DOT_IN_FP32, INPUT_PRECISION, ACC, TRAIN)
         start += tiles
 
 
@@ -509,7 +563,7 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if c in allowed]
 
 
-_TUNE_KEY = ["tune_m", "tune_n", "tune_k", "SPEC", "X_CL", "OUT_CL", "MID_CL", "INT64", "INPUT_PRECISION", "TRAIN"]
+_TUNE_KEY = ["tune_m", "tune_n", "tune_k", "SPEC", "LAYOUT", "INPUT_PRECISION", "TRAIN"]
 if INTERPRETING:
     _eval_tuner = _train_tuner = None
 else:
@@ -524,19 +578,38 @@ _pinned = None  # a triton.Config every launch uses instead of autotuning (pin_c
 _pin_generation = 0  # changed by every pin_config: kernels picked before are picked again
 
 
-def pin_config(index):
-    """Make every stage launch use CONFIGS[index] (no autotuning); None restores autotuning.
+def config_name(config):
+    """A config's name, e.g. "m128n64k64w4s4": BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages."""
+    k = config.kwargs
+    return f"m{k['BLOCK_M']}n{k['BLOCK_N']}k{k['BLOCK_K']}w{config.num_warps}s{config.num_stages}"
+
+
+CONFIG_NAMES = tuple(config_name(c) for c in CONFIGS)
+# The config of the fewest registers and shared memory, which every stage may run under
+# (configs_for keeps it): what runs pinned when one config is enough (bench/quick.py).
+SMALLEST = "m64n64k64w4s3"
+
+
+def pin_config(name):
+    """Make every stage launch use the config named `name` (one of CONFIG_NAMES; no autotuning);
+    None restores autotuning.
 
     For checking each config on its own (e.g. with outputs pre-filled with NaN), and for results
     that don't depend on which config a process's autotuning picked (the K chunk decides the fp32
-    summation order). Also set by the environment variable FUSED_INCEPTION_CONFIG=<index>."""
+    summation order). Also set by the environment variable FUSED_INCEPTION_CONFIG=<name>.
+
+    Example:
+        >>> pin_config(SMALLEST); ...; pin_config(None)
+    """
     global _pinned, _pin_generation
-    _pinned = None if index is None else CONFIGS[index]
+    if name is not None and name not in CONFIG_NAMES:
+        raise ValueError(f"no stage config named {name!r}: one of {', '.join(CONFIG_NAMES)}")
+    _pinned = None if name is None else CONFIGS[CONFIG_NAMES.index(name)]
     _pin_generation += 1
 
 
 if os.environ.get("FUSED_INCEPTION_CONFIG", "") != "":
-    pin_config(int(os.environ["FUSED_INCEPTION_CONFIG"]))
+    pin_config(os.environ["FUSED_INCEPTION_CONFIG"])
 
 _launches = 0
 _recorder = None  # a list while recording (see recording())
@@ -665,113 +738,151 @@ def conv_stage(spec, table, ncols, depth, weight, scale, shift, x, out, mid, raw
     """
     if x.shape[0] == 0:
         return
-    StageLaunch(spec, table, ncols, depth, weight, scale, shift, x, out, mid, training=stats is not None)(
-        x, out, mid, raw_out, raw_mid, stats, center)
+    StageLaunch(spec, table, ncols, depth, x, out, mid, training=stats is not None)(
+        weight, scale, shift, x, out, mid, raw_out, raw_mid, stats, center)
 
 
-class StageLaunch:
-    """The launch of one stage for buffers of one shape and layout: what doesn't change from call
-    to call (the stage's tensors, sizes, strides, constexprs, the grid and, on a GPU, the kernel
-    the autotuner picked) worked out once; calling it launches on the given buffers. The cost
-    of a launch after the first is a few microseconds of host time (a plan keeps one per input
-    shape: fused_inception.plan.Plan.run).
+class CachedLaunch:
+    """A kernel's launch for arguments of one shape and layout, the same every call: constexprs,
+    scalar arguments (`tail`), grid and, on a GPU, the compiled kernel Triton picked, worked out
+    once. The first call goes through Triton (autotuning when the kernel has a tuner: the
+    configs benchmarked, hidden from dispatch modes such as launch counters; then compiling);
+    later calls go straight to the compiled kernel's launcher, a few microseconds of host time.
+    Under the interpreter, or while recording (fused_inception.codegen), every call goes through
+    Triton.
 
-    Build it with buffers of the shape and strides the calls will pass (see conv_stage for the
-    arguments); x may later come at another 16-byte alignment (it is checked per call)."""
+    Every launcher of this package is one (kernels.conv.StageLaunch, kernels.batchnorm's), and
+    every caller keeps them: fused_inception.plan.Plan and training.TrainPlan per input shape.
+    Subclasses set `kernel`, `tuner` (or None), `meta_names` (the kernel's constexpr parameters
+    after the runtime ones, signature order) and call `_init` then `launch(tensors)`.
 
-    __slots__ = ("spec", "head", "tail", "consts", "sizes", "ncols", "device", "compiled", "grid", "meta",
-                 "training", "scale", "dtype", "fp32", "pin", "cuda_index", "run", "tail_meta")
+    The compiled kernel assumes what Triton saw of the first call's pointers (16-byte alignment
+    or not). The tensors in `checked` (indices into `tensors`) are the caller's (the block input,
+    the gradient autograd passes): the kernel is kept only if they were aligned at the first
+    call, and used only while they are. The others are this package's: fresh allocations, or
+    views at offsets a plan fixes, aligned the same way every call."""
 
-    def __init__(self, spec, table, ncols, depth, weight, scale, shift, x, out, mid, training=False):
+    __slots__ = ("consts", "tail", "device", "cuda_index", "checked", "precision", "pin", "run", "meta",
+                 "tail_meta", "config", "_grid_of")
+    kernel = None
+    tuner = None
+    meta_names = ()
+    interpreter_meta = {}  # meta-parameters under the interpreter (where nothing is tuned)
+
+    def _init(self, consts, tail, device, grid_of, checked=(), config=None, fp32=False):
+        """grid_of(meta) -> the grid for a config's meta-parameters; config: the triton.Config
+        the launch always runs under (None: autotuned or pinned, see pin_config); fp32: the
+        kernel takes fp32 operands (constexpr INPUT_PRECISION follows torch's TF32 settings)."""
+        self.consts, self.tail, self.device, self._grid_of = consts, tuple(tail), device, grid_of
+        self.cuda_index = device.index if device.type == "cuda" else None
+        self.checked, self.config = checked, config
+        self.precision = consts["INPUT_PRECISION"] if fp32 else None
+        self.pin = _pin_generation
+        self.run = self.meta = self.tail_meta = None
+
+    def launch(self, tensors):
+        run = self.run
+        if (run is not None and self.pin == _pin_generation
+                and (self.precision is None or fp32_precision() == self.precision)):
+            for i in self.checked:
+                if tensors[i].data_ptr() % 16:
+                    break
+            else:
+                if self.cuda_index is None or self.cuda_index == torch.cuda.current_device():
+                    run(*tensors, *self.tail_meta)
+                else:
+                    with torch.cuda.device(self.device):  # the kernel runs on the current device
+                        run(*tensors, *self.tail_meta)
+                global _launches
+                _launches += 1
+                return
+        self._first_launch(tensors)
+        count_launch()
+
+    def _configs(self):
+        """The configs this launch may run under."""
+        if self.config is not None:
+            return [self.config]
+        return [_pinned] if _pinned is not None else self.tuned_configs()
+
+    def tuned_configs(self):
+        return [self.config]
+
+    def _first_launch(self, tensors):
+        args = (*tensors, *self.tail)
+        if self.precision is not None:  # TF32 or not, as eager convolutions now
+            self.consts["INPUT_PRECISION"] = self.precision = fp32_precision()
+        self.pin = _pin_generation
+        consts = self.consts
+        if _recorder is not None:
+            _recorder.append((self.kernel, args, dict(consts), self._configs()))
+            return
+        if INTERPRETING:
+            meta = dict(consts, **self.interpreter_meta)
+            with hidden_from_dispatch():
+                self.kernel[self._grid_of(meta)](*args, **meta)
+            return
+        guard = (torch.cuda.device(self.device)
+                 if self.cuda_index is not None and self.cuda_index != torch.cuda.current_device()
+                 else contextlib.nullcontext())
+        config = self.config if self.config is not None else _pinned
+        with guard, hidden_from_dispatch():
+            if config is None:
+                compiled = self.tuner[self._grid_of](*args, **consts)
+                config = self.tuner.best_config
+            else:
+                compiled = self.kernel[self._grid_of](*args, **consts, **config.all_kwargs())
+        if all(tensors[i].data_ptr() % 16 == 0 for i in self.checked):
+            meta = dict(consts, **config.kwargs)
+            self.run = compiled[self._grid_of(meta)]  # (Triton's launcher for this grid)
+            self.meta = tuple(meta[name] for name in self.meta_names)
+            self.tail_meta = self.tail + self.meta
+
+
+class StageLaunch(CachedLaunch):
+    """The launch of one stage (see conv_stage for the arguments) for buffers of one shape and
+    layout, inference or training (`training`: the pre-activations and statistics variant).
+    Build it with buffers of the shape and strides the calls will pass; call it with the
+    stage's weights and the buffers: `launch(weight, scale, shift, x, out, mid)` (training:
+    also raw_out, raw_mid, stats, center). x may come at another 16-byte alignment later (it is
+    checked per call)."""
+
+    __slots__ = ("spec", "table", "ncols", "sizes", "training", "dtype")
+    kernel = _stage_kernel
+    interpreter_meta = INTERPRETER_CONFIG
+    meta_names = ("SPEC", "LAYOUT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_IN_FP32", "INPUT_PRECISION", "ACC", "TRAIN")
+
+    def __init__(self, spec, table, ncols, depth, x, out, mid, training=False):
         batch = x.shape[0]
         o_hw = out.shape[2] * out.shape[3]
         m_hw = mid.shape[2] * mid.shape[3]
         dtype = x.dtype
         x_cl, out_cl, mid_cl = _channels_last(x), _channels_last(out), _channels_last(mid)
-        self.spec, self.ncols, self.training, self.scale = spec, tuple(ncols), training, scale
-        self.head = (table, weight, scale, shift)
-        self.tail = (batch, *kernel_geometry(x, x_cl), *kernel_geometry(out, out_cl), *kernel_geometry(mid, mid_cl),
-                     _bucket(batch * max(x.shape[2] * x.shape[3], o_hw, m_hw)), _bucket(sum(ncols)),
-                     _bucket(max(depth)))
-        self.consts = dict(
-            SPEC=spec, X_CL=x_cl, OUT_CL=out_cl, MID_CL=mid_cl,
-            INT64=max(x.numel(), out.numel(), mid.numel()) >= 2**31,
+        self.spec, self.table, self.ncols, self.training = spec, table, tuple(ncols), training
+        tail = (batch, *kernel_geometry(x, x_cl), *kernel_geometry(out, out_cl), *kernel_geometry(mid, mid_cl),
+                _bucket(batch * max(x.shape[2] * x.shape[3], o_hw, m_hw)), _bucket(sum(ncols)), _bucket(max(depth)))
+        consts = dict(
+            SPEC=spec, LAYOUT=(x_cl, out_cl, mid_cl, max(x.numel(), out.numel(), mid.numel()) >= 2**31),
             DOT_IN_FP32=INTERPRETING and dtype == torch.bfloat16,  # triton#11584: bf16 dot is wrong there
             INPUT_PRECISION=fp32_precision() if dtype == torch.float32 else "ieee",
             ACC=accumulator(dtype), TRAIN=training)
         self.sizes = tuple(batch * (o_hw if spec_field(p, "dst0") == BUF_OUT else m_hw) for p in spec)
         self.dtype = dtype
-        self.device = x.device
-        self.cuda_index = x.device.index if x.device.type == "cuda" else None
-        self.fp32 = dtype == torch.float32
-        self.pin = _pin_generation
-        self.compiled = self.grid = self.meta = self.run = None
+        self._init(consts, tail, x.device, self._grid, checked=(4,), fp32=dtype == torch.float32)
+
+    @property
+    def tuner(self):
+        return _train_tuner if self.training else _eval_tuner
+
+    def tuned_configs(self):
+        return configs_for(self.spec, self.dtype, self.training)
 
     def _grid(self, meta):
         return (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
                     for m, n in zip(self.sizes, self.ncols)),)
 
-    def __call__(self, x, out, mid, raw_out=None, raw_mid=None, stats=None, center=None):
-        if self.training:
-            pass
-        elif (self.run is not None and self.pin == _pin_generation and x.data_ptr() % 16 == 0
-              and (self.cuda_index is None or self.cuda_index == torch.cuda.current_device())
-              and (not self.fp32 or fp32_precision() == self.consts["INPUT_PRECISION"])):
-            # An eval launch as most are: straight to the compiled kernel.
-            self.run(*self.head, x, out, mid, out, mid, self.scale, self.scale, *self.tail_meta)
-            global _launches
-            _launches += 1
-            return
+    def __call__(self, weight, scale, shift, x, out, mid, raw_out=None, raw_mid=None, stats=None, center=None):
+        if raw_out is None:  # (inference: the training pointers are unused, any tensor does)
+            self.launch((self.table, weight, scale, shift, x, out, mid, out, mid, scale, scale))
         else:
-            raw_out, raw_mid, stats, center = out, mid, self.scale, self.scale  # unused: any tensor
-        if (self.compiled is not None and x.data_ptr() % 16 == 0 and self.pin == _pin_generation
-                and (not self.fp32 or fp32_precision() == self.consts["INPUT_PRECISION"])):
-            if self.cuda_index is not None and self.cuda_index != torch.cuda.current_device():
-                with torch.cuda.device(self.device):  # the kernel runs on the current device
-                    self.compiled[self.grid](*self.head, x, out, mid, raw_out, raw_mid, stats, center, *self.tail,
-                                             *self.meta)
-            else:
-                self.run(*self.head, x, out, mid, raw_out, raw_mid, stats, center, *self.tail, *self.meta)
-            count_launch()
-            return
-        args = (*self.head, x, out, mid, raw_out, raw_mid, stats, center, *self.tail)
-        if self.fp32:  # TF32 or not, as eager convolutions now
-            self.consts["INPUT_PRECISION"] = fp32_precision()
-        self.pin = _pin_generation
-        if _recorder is not None:
-            configs = [_pinned] if _pinned is not None else configs_for(self.spec, self.dtype, self.training)
-            _recorder.append((_stage_kernel, args, dict(self.consts), configs))
-        elif INTERPRETING:
-            with hidden_from_dispatch():
-                _stage_kernel[self._grid](*args, **self.consts, **INTERPRETER_CONFIG)
-        else:
-            self._first_launch(args, x)
-        count_launch()
-
-    def _first_launch(self, args, x):
-        """Through Triton: autotuning (the configs benchmarked, hidden from dispatch modes such as
-        launch counters) and compiling; the kernel it picks is kept for the next calls (unless x
-        was not 16-byte aligned: the kernel would then assume what later inputs may not give)."""
-        guard = (torch.cuda.device(self.device)
-                 if self.cuda_index is not None and self.cuda_index != torch.cuda.current_device()
-                 else contextlib.nullcontext())
-        with guard, hidden_from_dispatch():
-            config = _pinned
-            if config is not None:
-                compiled = _stage_kernel[self._grid](*args, **self.consts, **config.all_kwargs())
-            else:
-                tuner = _train_tuner if self.training else _eval_tuner
-                compiled = tuner[self._grid](*args, **self.consts)
-                config = tuner.best_config
-        if x.data_ptr() % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in args[:11]):
-            self.compiled, self.grid = compiled, self._grid(config.kwargs)
-            self.run = compiled[self.grid]  # (Triton's launcher for this grid)
-            meta = dict(self.consts, **config.kwargs)
-            self.meta = tuple(meta[name] for name in _STAGE_META)
-            self.tail_meta = self.tail + self.meta
-
-
-# The constexpr parameters of _stage_kernel after the runtime ones, in signature order (a compiled
-# kernel's launcher takes every argument).
-_STAGE_META = ("SPEC", "X_CL", "OUT_CL", "MID_CL", "INT64", "BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_IN_FP32",
-               "INPUT_PRECISION", "ACC", "TRAIN")
+            self.launch((self.table, weight, scale, shift, x, out, mid, raw_out, raw_mid, stats, center))

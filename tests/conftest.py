@@ -220,20 +220,23 @@ def keep_relu_inputs_off_zero_(reference, fused, run, margin):
 
 # Block graphs (fused_inception.plan) for the stage-kernel tests: nodes, and their float64 reference.
 
-def conv_node(cin, cout, kernel, stride, padding, bn=True, bias=False, relu=True, pool=None, **kw):
-    """A ConvNode: Conv2d (+ BatchNorm2d(eps=1e-3) if bn) (+ ReLU), an optional nn pool module before it."""
-    from fused_inception.plan import ConvNode, PoolSpec
+def conv_node(cin, cout, kernel, stride, padding, bn=True, bias=False, act="relu", pool=None, **kw):
+    """A ConvNode: Conv2d (+ BatchNorm2d(eps=1e-3) if bn) (+ the activation: ReLU by default, an
+    activations.Activation, or None), an optional nn pool module before it."""
+    from fused_inception.activations import RELU
+    from fused_inception.graph import ConvNode, PoolSpec
 
     conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias)
     pool = PoolSpec.from_module(pool) if pool is not None else None
-    return ConvNode(conv, nn.BatchNorm2d(cout, eps=1e-3) if bn else None, relu=relu, pool=pool, **kw)
+    return ConvNode(conv, nn.BatchNorm2d(cout, eps=1e-3) if bn else None, RELU if act == "relu" else act, pool=pool,
+                    **kw)
 
 
 def pool_node(pool, **kw):
     """A pool-only ConvNode from an nn.MaxPool2d / nn.AvgPool2d."""
-    from fused_inception.plan import ConvNode, PoolSpec
+    from fused_inception.graph import ConvNode, PoolSpec
 
-    return ConvNode(None, None, relu=False, pool=PoolSpec.from_module(pool), **kw)
+    return ConvNode(None, None, None, pool=PoolSpec.from_module(pool), **kw)
 
 
 def modules_of(graph):

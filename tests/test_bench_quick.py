@@ -26,9 +26,16 @@ def records(path):
 
 
 def quick_module():
-    spec = importlib.util.spec_from_file_location("bench_quick", QUICK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """bench/quick.py, imported in this process. It puts bench/ first on sys.path; that is undone
+    after the import, or bench/conftest.py would shadow tests/conftest.py in the processes that
+    later tests spawn (tests/test_distributed.py's ranks unpickle their functions from it)."""
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_quick", QUICK)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
     return module
 
 
@@ -92,7 +99,7 @@ def test_nan_check_fails_on_a_stage_not_run(tmp_path, monkeypatch, tf32_flags_re
     quick = quick_module()
     stage_calls = Plan.stage_calls
     monkeypatch.setattr(Plan, "stage_calls", lambda self, x, memory_format=None: (
-        lambda calls, out: (calls[:-1], out))(*stage_calls(self, x, memory_format)))
+        lambda calls, out, mid: (calls[:-1], out, mid))(*stage_calls(self, x, memory_format)))
     checked = quick.eval_check("irv2-block35", "cpu", 1, torch.bfloat16, nan_filled=True)
     result = checked["result"]
     assert not result["ok"] and result["nans"] > 0 and result["err"] == float("inf"), result

@@ -19,13 +19,15 @@ from fused_inception.launches import count_torch_kernels
 
 
 def _launch(dtype=torch.float32):
-    """A StageLaunch of one 1x1 convolution (16 -> 8 channels) on CPU tensors, and its buffers."""
+    """A StageLaunch of one 1x1 convolution (16 -> 8 channels) on CPU tensors, and a call of it
+    (a function of the input)."""
     x = torch.randn(2, 16, 4, 4, dtype=dtype).to(memory_format=torch.channels_last)
     out = torch.empty(2, 8, 4, 4, dtype=dtype).to(memory_format=torch.channels_last)
     spec = (kconv.problem_spec(align=8),)
     table = torch.tensor([[16, 8, 0, 8, 0, 0, 0, 16, 0, 0]], dtype=torch.int32)
-    w, s = torch.randn(8 * 16, dtype=dtype), torch.ones(8)
-    return kconv.StageLaunch(spec, table, (8,), (16,), w, s, s * 0, x, out, out), x, out
+    w, s, b = torch.randn(8 * 16, dtype=dtype), torch.ones(8), torch.zeros(8)
+    launch = kconv.StageLaunch(spec, table, (8,), (16,), x, out, out)
+    return launch, x, lambda x: launch(w, s, b, x, out, out)
 
 
 class _Kernel:
@@ -59,23 +61,27 @@ def test_first_launch_hides_autotuning_from_counters(monkeypatch):
     """A launch whose kernel is not tuned yet, inside count_launches/count_torch_kernels: one
     launch, no torch kernels (the autotuner's benchmarking is not the model's work); the next
     launch calls the compiled kernel directly."""
-    launch, x, out = _launch()
+    launch, x, call = _launch()
     kernel = _Kernel()
     monkeypatch.setattr(kconv, "_eval_tuner", _Tuner(kernel))
+    monkeypatch.setattr(kconv, "INTERPRETING", False)  # (the GPU path: through the tuner)
     with count_launches() as n, count_torch_kernels() as k:
-        launch._first_launch((*launch.head, x, out, out, out, out, launch.scale, launch.scale, *launch.tail), x)
-        kconv.count_launch()
+        call(x)
     assert (n.value, k.value) == (1, 0), k.names
-    assert launch.run is kernel and launch.meta[kconv._STAGE_META.index("BLOCK_M")] == 128
+    assert launch.run is kernel and launch.meta[launch.meta_names.index("BLOCK_M")] == 128
     with count_launches() as n:
-        launch(x, out, out)
+        call(x)
     assert n.value == 1 and len(kernel.calls) == 1
+    unaligned = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
+    with count_launches() as n:  # an input at another alignment: through Triton again, not kept
+        call(unaligned)
+    assert n.value == 1 and len(kernel.calls) == 1 and launch.run is kernel
 
 
 def test_launch_runs_on_the_device_of_its_tensors(monkeypatch):
     """Kernels launch on the current CUDA device: a block on cuda:1 while cuda:0 is current must
     switch (without the guard: an illegal memory access)."""
-    launch, x, out = _launch(torch.bfloat16)
+    launch, x, call = _launch(torch.bfloat16)
     current = [0]
 
     @contextlib.contextmanager
@@ -90,12 +96,11 @@ def test_launch_runs_on_the_device_of_its_tensors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", device)
     kernel = _Kernel(device_of_launch=lambda: current[0])
     launch.device, launch.cuda_index = torch.device("cuda:1"), 1
-    launch.compiled, launch.run, launch.grid, launch.meta = kernel, kernel, (1,), ()
-    launch.tail_meta = launch.tail
-    launch(x, out, out)
+    launch.run, launch.meta, launch.tail_meta = kernel, (), launch.tail
+    call(x)
     assert kernel.calls == [1] and current[0] == 0  # launched on cuda:1, cuda:0 current again after
     current[0] = 1
-    launch(x, out, out)
+    call(x)
     assert kernel.calls == [1, 1]
 
 
@@ -118,9 +123,9 @@ def test_fp32_precision_follows_torch(settings, expected):
                 obj = getattr(obj, p)
             setattr(obj, attr, value)
         assert kconv.fp32_precision() == expected
-        launch, x, out = _launch()
+        launch, x, call = _launch()
         with kconv.recording() as launches:  # what a launch would compile: the dot's precision
-            launch(x, out, out)
+            call(x)
         assert launches[0][2]["INPUT_PRECISION"] == expected
     finally:
         backends.cudnn.conv.fp32_precision, backends.cudnn.fp32_precision, backends.fp32_precision = saved[1:]
@@ -140,18 +145,22 @@ def test_first_forward_under_inference_mode_then_outside():
 
 
 def test_pinned_config_is_used_and_picked_again_after_unpinning():
-    """pin_config(i): every launch takes CONFIGS[i] (recorded: the configs a launch may run
-    under); None restores autotuning over the stage's configs."""
-    launch, x, out = _launch()
+    """pin_config(name): every launch takes the config of that name (recorded: the configs a
+    launch may run under); None restores autotuning over the stage's configs; an unknown name
+    raises."""
+    launch, x, call = _launch()
     try:
-        kconv.pin_config(2)
+        kconv.pin_config("m64n128k64w4s4")
         with kconv.recording() as launches:
-            launch(x, out, out)
-        assert launches[0][3] == [kconv.CONFIGS[2]]
+            call(x)
+        (config,) = launches[0][3]
+        assert (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps) == (64, 128, 4)
+        with pytest.raises(ValueError, match="no stage config named"):
+            kconv.pin_config(2)
     finally:
         kconv.pin_config(None)
     with kconv.recording() as launches:
-        launch(x, out, out)
+        call(x)
     assert launches[0][3] == kconv.configs_for(launch.spec, x.dtype)
     assert all(isinstance(c, triton.Config) for c in launches[0][3])
 
@@ -177,3 +186,45 @@ def test_configs_pruned_where_the_compiled_code_spills():
     assert kconv.configs_for(residual, torch.float32) == [c for c in kconv.CONFIGS if c.kwargs["BLOCK_N"] < 128]
     flat = kconv.configs_for(spec(kconv.KIND_GEMM_FLAT), torch.bfloat16)
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in flat] == [(64, 64)]
+
+
+class _Jit:
+    """A @triton.jit kernel as a first launch sees it: compiles (counted), returns the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.compiles = kernel, 0
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.compiles += 1
+            return self.kernel
+        return run
+
+
+def test_training_launches_go_straight_to_the_compiled_kernels(monkeypatch):
+    """A training step's launches (GoogLeNet's inception3a: 2 stage launches, 2 BatchNorm
+    applies, 1 recompute of `mid`, 2 x 2 backward launches) go through Triton on the first step
+    only; from the second step on each calls its compiled kernel directly, as an eval launch
+    does (before, training built a new launch per stage and step: the autotuner every time)."""
+    from fused_inception import program
+    from fused_inception.kernels import batchnorm as kbn
+
+    kernel = _Kernel()
+    tuner, jit = _Tuner(kernel), _Jit(kernel)
+    tuned = []
+    monkeypatch.setattr(kconv, "INTERPRETING", False)  # (the GPU path: through the tuner, on CPU tensors)
+    monkeypatch.setattr(program, "triton_available_for", lambda x: True)
+    monkeypatch.setattr(kconv, "_train_tuner", tuner)
+    monkeypatch.setattr(kbn.ApplyLaunch, "kernel", jit)
+    monkeypatch.setattr(kbn.BackwardLaunch, "kernel", jit)
+    original = _Tuner.__getitem__
+    monkeypatch.setattr(_Tuner, "__getitem__", lambda self, grid: tuned.append(grid) or original(self, grid))
+    block = FusedInception(192, 64, 96, 128, 16, 32, 32).train()
+    x = torch.randn(2, 192, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
+    for step in range(3):
+        before = (len(tuned), jit.compiles, len(kernel.calls))
+        with count_launches() as n:
+            block(x).sum().backward()
+        assert n.value == 9
+        assert (len(tuned) - before[0], jit.compiles - before[1]) == ((2, 7) if step == 0 else (0, 0))
+        assert len(kernel.calls) - before[2] == (0 if step == 0 else 9)

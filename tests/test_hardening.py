@@ -11,7 +11,9 @@ import triton.language as tl
 from conftest import TOL, assert_close_rel, randomize_
 from fused_inception import FusedInception, FusedInceptionB
 from fused_inception.kernels import conv as kconv
-from fused_inception.plan import BlockGraph, ConvNode, PoolSpec, build_plan
+from fused_inception.activations import RELU
+from fused_inception.graph import BlockGraph, ConvNode, PoolSpec
+from fused_inception.plan import build_plan
 
 
 @triton.jit
@@ -21,8 +23,8 @@ def _offsets_kernel(out_ptr, img_ptr, s_n, s_h, s_w, INT64: tl.constexpr, BLOCK:
     i = tl.arange(0, BLOCK)
     img = tl.load(img_ptr + i)
     one = s_w // s_w  # (a runtime 1: _view casts its strides)
-    _p, _h, _w, sn, sh, sw, _c = kconv._view(0, out_ptr, out_ptr, out_ptr, one, one, s_n, s_h, s_w, one, one, one, one,
-                                             one, one, one, one, one, one, one, one, one, False, False, False, INT64)
+    buf = (out_ptr, one, one, s_n, s_h, s_w, one)
+    _p, _h, _w, sn, sh, sw, _c = kconv._view(0, (buf, buf, buf), (False, False, False, INT64))
     tl.store(out_ptr + i, img * sn + (img + 1) * sh + (img + 2) * sw)
 
 
@@ -51,7 +53,7 @@ def test_launcher_asks_for_int64_past_2_31_elements(big):
         kconv.conv_stage(spec, table, (16,), (16,), torch.empty(256, device="meta"), torch.empty(16, device="meta"),
                          torch.empty(16, device="meta"), x, out, out)
     (_, _, consts, _), = launches
-    assert consts["INT64"] == (big != "none")
+    assert consts["LAYOUT"][3] == (big != "none")  # (X_CL, OUT_CL, MID_CL, INT64)
 
 
 ARGS = (24, 8, 8, 16, 4, 8, 8)
@@ -113,7 +115,7 @@ def random_block(rng):
         cout = rng.randint(1, 70)
         c = nn.Conv2d(src_channels, cout, (kh, kw), stride=s, padding=(kh // 2, kw // 2), bias=rng.random() < 0.5)
         bn = nn.BatchNorm2d(cout, eps=rng.choice([1e-5, 1e-3])) if rng.random() < 0.7 else None
-        nodes.append(ConvNode(c, bn, relu=rng.random() < 0.8, src=src, pool=pool))
+        nodes.append(ConvNode(c, bn, act=RELU if rng.random() < 0.8 else None, src=src, pool=pool))
         return len(nodes) - 1, cout
 
     for _ in range(rng.randint(1, 4)):
@@ -122,7 +124,7 @@ def random_block(rng):
             p = rng.choice(["max", "avg", "avg_excl"])
             pool = PoolSpec.make("max" if p == "max" else "avg", 3, stride, 1, count_include_pad=(p == "avg"))
             if kind == "pool":
-                nodes.append(ConvNode(None, None, relu=False, src=None, pool=pool))
+                nodes.append(ConvNode(None, None, act=None, src=None, pool=pool))
                 outputs.append(len(nodes) - 1)
             else:
                 outputs.append(conv(cin, None, 1, (1, 1), pool)[0])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from conftest import TOL, assert_close_rel, randomize_
 from fused_inception import count_launches, fuse
-from fused_inception.blocks import BasicConv2d
+from fused_inception.dropins import BasicConv2d
 from test_training import check_training_parity
 
 

@@ -14,7 +14,9 @@ from conftest import (TOL, Decisions, assert_close_rel, assert_matches_reference
                       modules_of, pool_node, randomize_, reference)
 from fused_inception import count_launches
 from fused_inception.kernels import conv as kconv
-from fused_inception.plan import BlockGraph, PoolSpec, ResidualHead, build_plan
+from fused_inception.activations import RELU
+from fused_inception.graph import BlockGraph, PoolSpec, ResidualHead
+from fused_inception.plan import build_plan
 
 # (kernel, stride, padding): each kernel size an Inception network uses, with strides 1 and 2
 # and "same", zero and asymmetric padding.
@@ -53,7 +55,8 @@ def test_conv_geometry(kernel, stride, padding, device):
 @pytest.mark.parametrize("bn,bias,relu", [(False, True, True), (True, True, False), (False, False, False)])
 def test_epilogue_variants(bn, bias, relu, device):
     """conv bias with and without BN (bias folded into the shift), and no ReLU."""
-    graph = BlockGraph([conv_node(21, 70, (3, 3), 1, (1, 1), bn=bn, bias=bias, relu=relu)], [0], in_channels=21)
+    graph = BlockGraph([conv_node(21, 70, (3, 3), 1, (1, 1), bn=bn, bias=bias, act="relu" if relu else None)], [0],
+                       in_channels=21)
     randomize_(modules_of(graph), seed=7).to(device)
     x = torch.randn(1, 21, 7, 10, device=device)
     y, _, _ = run_fused(graph, x)
@@ -194,7 +197,7 @@ def test_residual_head(relu, device):
     nodes = [conv_node(cin, 12, (1, 1), 1, (0, 0)),  # cat channels 0..11
              conv_node(cin, 9, (1, 1), 1, (0, 0)),  # reduction, mid after the cat
              conv_node(9, 13, (3, 3), 1, (1, 1), src=1)]  # cat channels 12..24
-    head = ResidualHead(nn.Conv2d(25, cin, 1, bias=True), scale=0.3, relu=relu)
+    head = ResidualHead(nn.Conv2d(25, cin, 1, bias=True), scale=0.3, act=RELU if relu else None)
     graph = BlockGraph(nodes, [0, 2], in_channels=cin, head=head)
     randomize_(modules_of(graph), seed=19).to(device)
     x = (torch.randn(2, cin, 5, 7, device=device) + torch.arange(cin, device=device).view(1, -1, 1, 1) / cin

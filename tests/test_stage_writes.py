@@ -17,8 +17,11 @@ import torch
 from torch import nn
 
 from conftest import TOL, assert_close_rel, conv_node, modules_of, node_results, pool_node, randomize_, reference
+from fused_inception.kernels import conv as kconv
 from fused_inception.kernels.conv import BUF_MID, BUF_OUT
-from fused_inception.plan import BlockGraph, ResidualHead, build_plan
+from fused_inception.graph import BlockGraph, ResidualHead
+from fused_inception.layout import ProblemKind
+from fused_inception.plan import build_plan
 
 
 def googlenet_like(cin, c1, r2, o2, r3, o3, p):
@@ -81,8 +84,9 @@ def slices(problem, results, block_output):
     """(buffer, first channel, float64 expected contents) of each member of a problem, in column
     order: columns < split go to dst0 from dst0_c, the others to dst1 from dst1_c."""
     row, col = problem.row, 0
-    for member, cout in zip(problem.members, problem.couts):
-        expected = block_output if member == "head" else results[member]
+    members = problem.members if problem.kind is ProblemKind.BRANCH else (None,)
+    for member, cout in zip(members, problem.couts):
+        expected = block_output if problem.kind is ProblemKind.HEAD else results[member]
         if col < row["split"]:
             yield row["dst0"], row["dst0_c"] + col, expected
         else:
@@ -107,10 +111,11 @@ def test_each_stage_writes_exactly_its_slices(layout, channels, size, batch, mem
     buffers = {BUF_OUT: out.fill_(float("nan"))}
     if mid is not out:
         buffers[BUF_MID] = mid.fill_(float("nan"))
-    for i, (stage, problems) in enumerate(zip(plan.stages, plan.layout.stages)):
+    launches = [kconv.StageLaunch(s.spec, s.table, s.ncols, s.depth, x, out, mid) for s in plan.stages]
+    for i, (launch, problems) in enumerate(zip(launches, plan.layout.stages)):
         before = {buf: t.clone() for buf, t in buffers.items()}
         with torch.no_grad():
-            stage.run(x, out, mid)
+            launch(plan.weight, plan.scale, plan.shift, x, out, mid)
         written = {buf: set() for buf in buffers}
         for problem in problems:
             for buf, c0, expected in slices(problem, results, block_output):

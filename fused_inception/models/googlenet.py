@@ -6,7 +6,7 @@ from collections import namedtuple
 import torch
 from torch import nn
 
-from fused_inception.blocks import FusedBasicConv2d, FusedInception, InceptionAux
+from fused_inception.dropins import FusedBasicConv2d, FusedInception, InceptionAux
 from fused_inception.models._transform import TransformInput
 
 GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux_logits2", "aux_logits1"])

@@ -6,7 +6,7 @@ from collections import namedtuple
 import torch
 from torch import nn
 
-from fused_inception.blocks import (FusedBasicConv2d, FusedInceptionA, FusedInceptionAux, FusedInceptionB,
+from fused_inception.dropins import (FusedBasicConv2d, FusedInceptionA, FusedInceptionAux, FusedInceptionB,
                                     FusedInceptionC, FusedInceptionD, FusedInceptionE)
 from fused_inception.models._transform import TransformInput
 
