@@ -100,7 +100,7 @@ def _tile(local, P: tl.constexpr, DST: tl.constexpr, SECOND: tl.constexpr, WHOLE
     # (the buffer's strides as the stage kernel reads them; there is no x here: out stands in)
     bufs = ((table_ptr, o_h, o_w, o_sn, o_sh, o_sw, o_sc), (table_ptr, o_h, o_w, o_sn, o_sh, o_sw, o_sc),
             (table_ptr, m_h, m_w, m_sn, m_sh, m_sw, m_sc))
-    _p, h, w, s_n, s_h, s_w, s_c = kconv._view(DST, bufs, (OUT_CL, OUT_CL, MID_CL, INT64))
+    _p, h, w, s_n, s_h, s_w, s_c = kconv._view(DST, bufs, tl.constexpr((OUT_CL, OUT_CL, MID_CL, INT64)))
     m_total = batch * h * w
     tiles_m = tl.cdiv(m_total, BLOCK_M)
     pid_m = local % tiles_m

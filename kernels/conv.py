@@ -522,8 +522,11 @@ def _stage_kernel(
     for p in tl.static_range(len(SPEC)):
         tiles = _tiles(p, SPEC[p][I_DST0], table_ptr, batch, bufs, BLOCK_M, BLOCK_N)
         if (pid >= start) & (pid < start + tiles):
-            _problem(pid - start, p, SPEC[p], table_ptr, w_ptr, scale_ptr, shift_ptr, bufs, raws, stats_ptr,
-                     center_ptr, batch, LAYOUT, BLOCK_M, BLOCK_N, BLOCK_K, DOT_IN_FP32, INPUT_PRECISION, ACC, TRAIN)
+            # (tuples of constants passed on wrapped in tl.constexpr: Triton 3.6 takes a bare one for
+            # a tuple of runtime values and fails)
+            _problem(pid - start, p, tl.constexpr(SPEC[p]), table_ptr, w_ptr, scale_ptr, shift_ptr, bufs, raws,
+                     stats_ptr, center_ptr, batch, tl.constexpr(LAYOUT), BLOCK_M, BLOCK_N, BLOCK_K, DOT_IN_FP32,
+                     INPUT_PRECISION, ACC, TRAIN)
         start += tiles
 
 

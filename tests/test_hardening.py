@@ -24,7 +24,7 @@ def _offsets_kernel(out_ptr, img_ptr, s_n, s_h, s_w, INT64: tl.constexpr, BLOCK:
     img = tl.load(img_ptr + i)
     one = s_w // s_w  # (a runtime 1: _view casts its strides)
     buf = (out_ptr, one, one, s_n, s_h, s_w, one)
-    _p, _h, _w, sn, sh, sw, _c = kconv._view(0, (buf, buf, buf), (False, False, False, INT64))
+    _p, _h, _w, sn, sh, sw, _c = kconv._view(0, (buf, buf, buf), tl.constexpr((False, False, False, INT64)))
     tl.store(out_ptr + i, img * sn + (img + 1) * sh + (img + 2) * sw)
 
 
