@@ -56,7 +56,7 @@ class FusedInception(FusedBlock):
 
     Args: as torchvision's `Inception(in_channels, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5,
     pool_proj, conv_block=None)`; `conv_block` must build units whose forward is conv -> BN? ->
-    ReLU? (torchvision's BasicConv2d is one); anything else raises UnsupportedBlock.
+    activation? (torchvision's BasicConv2d is one); anything else raises UnsupportedBlock.
 
     Example:
         >>> block = FusedInception(192, 64, 96, 128, 16, 32, 32).eval()

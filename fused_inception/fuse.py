@@ -1,15 +1,15 @@
 """fuse(model): swap fused blocks into any Inception-style network, found by dataflow.
 
 Every submodule is traced with torch.fx (`pattern.recipe_of`), outermost first; one whose result
-is a channel concatenation of conv/BN/ReLU/pool branches (a block), or one `pool? -> conv -> BN?
--> ReLU?` chain (a conv unit: torchvision's BasicConv2d, timm's ConvNormAct, an
+is a channel concatenation of conv/BN/activation/pool branches (a block), or one `pool? -> conv ->
+BN? -> activation?` chain (a conv unit: torchvision's BasicConv2d, timm's ConvNormAct, an
 `nn.Sequential(conv, bn, relu)`), is replaced by a `FusedGraphBlock` holding the same submodules
 and parameter objects, and fuse() does not look inside it. Block candidates that can't be fused
 are left as they are and the report says why; the search goes on inside them (their conv units
 are still swapped, each one exactly what it was). Modules that are no candidate are searched
 inside too.
 
-Conv units are opportunistic: one that doesn't fuse (a depthwise conv, a GELU, ...) or would
+Conv units are opportunistic: one that doesn't fuse (a depthwise conv, an ELU, ...) or would
 save nothing (a conv alone: one kernel either way) is passed over without a report line, as every
 convolution of a network would otherwise be listed.
 """

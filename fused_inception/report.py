@@ -6,7 +6,7 @@ and one input; each reference block is run on the input the fused block received
 is its own (the whole-network row compares logits end to end).
 
 Bytes moved is a model, not a measurement: every tensor an operator reads or writes crosses DRAM
-once (eager: conv reads input and weights and writes its output, BN and ReLU read and write it
+once (eager: conv reads input and weights and writes its output, BN and activation read and write it
 again, a pool reads and writes, cat reads every branch and writes the block; fused: each stage
 reads each source slice and weight once and writes each result once). Caches make both smaller
 on a real GPU; the ratio is the point.
@@ -104,7 +104,7 @@ def traffic(block, x_shape, elem_size):
     cat_elems = n * sum(couts[i] for i in graph.outputs) * cat_h * cat_w
     if len(graph.outputs) > 1:
         eager += 2 * cat_elems  # cat: read the branches, write the block
-    if graph.head is not None:  # conv reads the cat; mul; add reads x (or the shortcut's) too; BN?; ReLU?
+    if graph.head is not None:  # conv reads the cat; mul; add reads x (or the shortcut's) too; BN?; activation?
         head = graph.head
         n_out = n * head.out_channels * oh * ow
         eager += cat_elems + head.conv.weight.numel() + n_out + 2 * n_out + 3 * n_out

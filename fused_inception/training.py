@@ -5,9 +5,9 @@ Forward, per stage of the block's layout (see `layout.build_layout`):
     launch 1  conv_stage(TRAIN): every convolution of the stage; each writes its pre-activation
               `raw` into a shadow of its destination (`raw_out`, `raw_mid`) and, with BatchNorm,
               adds the per-channel sum and sum of squares of `raw - running_mean`, and the
-              count, into `sums`; without BatchNorm the ReLU'd result goes to its slice of
+              count, into `sums`; without BatchNorm the activated result goes to its slice of
               `out`/`mid` right away
-    launch 2  bn_apply (only if the stage has BatchNorm): statistics -> normalise, affine, ReLU,
+    launch 2  bn_apply (only if the stage has BatchNorm): statistics -> normalise, affine, activation,
               written into the channel slices of `out`/`mid`; mean, 1/std, unbiased variance
               and count saved per channel
 
@@ -17,7 +17,7 @@ update (`_foreach_lerp_` and `_foreach_add_` on the BN buffers, exactly nn.Batch
 With SyncBatchNorm the stage's sums are all-reduced between the two launches.
 
 Backward (`backward`), stages in reverse: the intermediate results that later stages read are
-recomputed from `raw` (one bn_apply launch per stage), then per stage the BN+ReLU backward in
+recomputed from `raw` (one bn_apply launch per stage), then per stage the BN + activation backward in
 two launches (per-channel reduction, then the gradient of `raw`), and the convolutions' input,
 weight and bias gradients by `aten.convolution_backward` (the eager fallback: one call per merged
 GEMM), the pools' by ATen's pool backward. Saved for backward: the block input, `raw` and per-channel statistics

@@ -26,7 +26,7 @@ last bits of the statistics can differ from run to run on a GPU.
 
 A launch covers *parts*: the columns of one problem that go to one destination (a merged GEMM
 whose first columns go to the block output and the rest to `mid` has two parts). Which parts,
-and what is known about them at compile time (buffer, ReLU, BatchNorm, channel alignment), is
+and what is known about them at compile time (buffer, activation, BatchNorm, channel alignment), is
 the launch's constexpr `PARTS`; the channel offsets come from the stage's problem table.
 """
 
@@ -303,7 +303,7 @@ class _PartsLaunch(kconv.CachedLaunch):
 
 
 class ApplyLaunch(_PartsLaunch):
-    """Normalise, scale, shift and ReLU the pre-activations of a stage's BatchNorm problems.
+    """Normalise, scale, shift and activate the pre-activations of a stage's BatchNorm problems.
 
     Built with: table (the stage's problem table, as for conv.conv_stage); columns (host copy,
     per problem of the table: (ncols, split)); parts_ (the launch's PARTS, see `parts`: the
@@ -330,12 +330,12 @@ class ApplyLaunch(_PartsLaunch):
 
 
 class BackwardLaunch(_PartsLaunch):
-    """The BatchNorm + ReLU backward of a stage's parts, in one of two launches.
+    """The BatchNorm + activation backward of a stage's parts, in one of two launches.
 
     reduce=True: add, per column of the stage's BatchNorm problems (`parts_`), sum(g) and
     sum(g * zhat) into sums[0] and sums[1] ([2, cols], zero-initialised, accumulator dtype), g
-    being the gradient after the ReLU. reduce=False: write the gradient of every convolution's
-    pre-activation (through ReLU and BatchNorm) into dz_out / dz_mid (the strides of raw_out /
+    being the gradient at the activation's input. reduce=False: write the gradient of every convolution's
+    pre-activation (through the activation and BatchNorm) into dz_out / dz_mid (the strides of raw_out /
     raw_mid), for the parts of a stage's convolutions; sums from the reduce launch, summed over
     every process of a synchronised BatchNorm.
 

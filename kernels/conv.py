@@ -30,7 +30,7 @@ addresses it can reason about, and only issues 16-byte copies where it can prove
 alignment. So a stage is described twice:
 
 - its *spec*, a tuple of `ProblemSpec` (one per problem; constexpr): the kind of problem, which
-  buffers it reads and writes, kernel size, stride, padding, pool, residual, ReLU, and `align`,
+  buffers it reads and writes, kernel size, stride, padding, pool, residual, activation, and `align`,
   a power of two that divides every channel count, channel offset and channel-last row pitch
   the problem touches (8 for every Inception network: their channel counts are multiples of 8).
   The kernel unrolls a branch per problem (`tl.static_range`), each with one flat K loop over
