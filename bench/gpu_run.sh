@@ -9,8 +9,8 @@
 #   bash bench/gpu_run.sh full tests-kernels
 #
 # Output: $OUT (the device tool's folder) or bench/results/<date>-<gpu>-<mode>/, at most 8 files:
-# quick writes env.txt, log.txt, smoke.jsonl, networks.jsonl, stages.jsonl, report.md,
-# speedup.png. `python3 bench/report.py DIR` rebuilds the table and plot from them.
+# quick writes env.txt, log.txt, smoke.jsonl, networks.jsonl, stages.jsonl, firstcall.jsonl,
+# report.md, speedup.png. `python3 bench/report.py DIR` rebuilds the table and plot from them.
 #
 # The device image is used as it is: `python3` with torch, triton, torchvision, pytest,
 # pytest-benchmark; nothing is fetched. The package is installed in editable mode without
@@ -170,6 +170,15 @@ if [ "$MODE" = quick ]; then
   [ -n "${PRECOMPILE_PID:-}" ] && wait "$PRECOMPILE_PID"
   run_quick_part networks-googlenet 150 networks --network googlenet
   run_quick_part stages 60 stages
+  # Time to the first fused forward, GoogLeNet bf16 batch 32: fused_inception.warmup in a fresh
+  # process with an empty Triton cache (cold: every variant compiled in parallel, then tuned),
+  # then in a second process with that cache and the autotuner's picks on disk (warm).
+  FIRST_CACHE=$REPO/.gpu_cache/first-forward-$$
+  for run in cold warm; do
+    run_part "first-forward $run" 90 env TRITON_CACHE_DIR="$FIRST_CACHE" "$PY" -m fused_inception.precompile \
+      --model googlenet --dtype bf16 --batch 32 --json "$OUTDIR/firstcall.jsonl" --label "$run"
+  done
+  rm -rf "$FIRST_CACHE"
   run_quick_part networks-inception_v3 400 networks --network inception_v3
   DEADLINE=$(( DEADLINE + 25 ))
   run_part report 25 "$PY" bench/report.py "$OUTDIR" --plot "$OUTDIR/speedup.png" --out "$OUTDIR/report.md"

@@ -157,7 +157,7 @@ def check_cache_hit(part="smoke"):
     kernel, args, consts, configs = next((rec for rec in launches if rec[0] is not kconv._stage_kernel),
                                          launches[0])
     config = configs[0]
-    (_, k, signature, constexprs, attrs, options, _), = codegen._jobs([(kernel, args, consts, [config])])
+    (_, k, signature, constexprs, attrs, options, _), = codegen.jobs_of([(kernel, args, consts, [config])])
     start = time.perf_counter()
     codegen._compile(k, signature, constexprs, attrs, options)
     compile_s = time.perf_counter() - start
@@ -196,7 +196,7 @@ def main(argv=None):
           f"torch {torch.__version__})")
     seen, summary, all_jobs, tuning = set(), {}, [], set()
     for part in parts:
-        jobs = codegen._jobs(recorded[part])
+        jobs = codegen.jobs_of(recorded[part])
         keys = [codegen.job_key(j) for j in jobs]
         new = [j for j, key in zip(jobs, keys) if key not in seen]
         seen |= set(keys)

@@ -22,6 +22,23 @@ from fused_inception.program import Route
 
 __all__ = ["BasicConv2d", "FuseReport", "FusedBasicConv2d", "FusedBlock", "FusedGraphBlock", "FusedInception",
            "FusedInceptionA", "FusedInceptionAux", "FusedInceptionB", "FusedInceptionC", "FusedInceptionD",
-           "FusedInceptionE", "InceptionAux", "LaunchCount", "Route", "UnsupportedBlock", "build_plans", "count_launches", "fuse",
-           "models"]
+           "FusedInceptionE", "InceptionAux", "LaunchCount", "Route", "UnsupportedBlock", "build_plans",
+           "count_launches", "fuse", "models", "warmup"]
 __version__ = "0.1.0"
+
+
+def warmup(model, example_input, workers=None, target=None):
+    """Compile every kernel variant `model`'s first forward on inputs like `example_input` (in
+    train(): its first training step) will launch, in `workers` processes (default: the CPU
+    count), then autotune (the picks kept on disk for the next process) and build the plans:
+    the first real call then compiles and benchmarks nothing. Returns a
+    fused_inception.precompile.WarmupReport. `target=(90, 32)` compiles for sm_90 without a GPU.
+    Under the interpreter it only builds the plans. (Imported on first use: the compiler
+    machinery stays out of `import fused_inception`.)
+
+    Example:
+        >>> fused_inception.warmup(model, torch.randn(32, 3, 299, 299, device="cuda"))
+    """
+    from fused_inception import precompile
+
+    return precompile.warmup(model, example_input, workers, target)

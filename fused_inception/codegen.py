@@ -151,7 +151,7 @@ def _jit_compile_args(kernel, args, kwargs, target):
     return signature, constexprs, attrs, options.__dict__
 
 
-def _jobs(launches, target=HOPPER):
+def jobs_of(launches, target=HOPPER):
     """The distinct compilations of recorded launches: (label, kernel, signature, constexprs,
     attrs, options, metadata)."""
     seen, jobs = set(), []
@@ -208,6 +208,22 @@ def _compile_in_worker(job):
     return time.perf_counter() - start
 
 
+def compile_jobs(jobs, target=HOPPER, workers=1):
+    """Compile `jobs` (jobs_of) into Triton's cache, in `workers` processes (1: here). Returns
+    how many."""
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        specs = [worker_spec(job, target) for job in jobs]
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_compile_in_worker, specs))
+    else:
+        for job in jobs:
+            _compile(job[1], *job[2:6], target)
+    return len(jobs)
+
+
 def compile_kernels(model, x, target=HOPPER, workers=1):
     """Every kernel variant a forward of `model` on `x` would launch on an sm_90 GPU (eval; or in
     train() the training forward and backward), under every autotune config, compiled as the
@@ -222,14 +238,9 @@ def compile_kernels(model, x, target=HOPPER, workers=1):
     if kconv.INTERPRETING:
         raise RuntimeError("fused_inception.codegen needs Triton's compiler: unset TRITON_INTERPRET before "
                            "importing fused_inception")
-    jobs = _jobs(record_launches(model, x), target)
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        specs = [worker_spec(job, target) for job in jobs]
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_compile_in_worker, specs))
+    jobs = jobs_of(record_launches(model, x), target)
+    if workers > 1:
+        compile_jobs(jobs, target, workers)
     out = []
     for label, kernel, signature, constexprs, attrs, options, meta in jobs:
         compiled = _compile(kernel, signature, constexprs, attrs, options, target)
@@ -333,7 +344,7 @@ def check_marks(label, compiled, stats):
     return misses
 
 
-def _model(name, train):
+def model_named(name, train):
     """A fused model of `name` (random weights) in eval or train mode."""
     from fused_inception import models
 
@@ -357,6 +368,11 @@ _TRAIN_SIZES = {"googlenet": 64, "inception_v3": 107, "inception_resnet_v2": 75}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def default_size(name, train=False):
+    """The input size codegen (and warmup's CLI) take for a model: its own, small in training."""
+    return _TRAIN_SIZES[name] if train else _SIZES[name]
+
+
 def parser():
     p = argparse.ArgumentParser(prog="python -m fused_inception.codegen", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="googlenet", choices=sorted(_SIZES))
@@ -373,7 +389,7 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     dtype = _DTYPES[args.dtype]
-    model = _model(args.model, args.train)
+    model = model_named(args.model, args.train)
     size = args.size or _SIZES[args.model]
     if args.train:  # autocast keeps fp32 parameters; spatial size doesn't change the kernels: keep the CPU work small
         size = min(size, _TRAIN_SIZES[args.model])

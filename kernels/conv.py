@@ -56,6 +56,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 import triton
 import triton.language as tl
 
+from fused_inception.kernels import tuning
+
 # Autotuning (CUDA only: the interpreter cannot benchmark). Every config keeps BLOCK_M >= 64 and
 # 4 warps or more (a Hopper warp group: wgmma), BLOCK_K >= 16 (fp16/bf16 dots need it). fp32
 # operands halve BLOCK_K (BK in _problem) so that the pipelined tiles fit in shared memory.
@@ -811,6 +813,14 @@ class CachedLaunch:
     def tuned_configs(self):
         return [self.config]
 
+    def tuning_key(self):
+        """What the autotuner's pick depends on (a string: kernels.tuning's key)."""
+        return repr((self.tail, sorted((k, str(v)) for k, v in self.consts.items())))
+
+    def _config_named(self, name):
+        """The config of that name if this launch may run under it, else None."""
+        return next((c for c in self.tuned_configs() if config_name(c) == name), None) if name else None
+
     def _first_launch(self, tensors):
         args = (*tensors, *self.tail)
         if self.precision is not None:  # TF32 or not, as eager convolutions now
@@ -829,10 +839,15 @@ class CachedLaunch:
                  if self.cuda_index is not None and self.cuda_index != torch.cuda.current_device()
                  else contextlib.nullcontext())
         config = self.config if self.config is not None else _pinned
+        key = None
+        if config is None:  # a pick an earlier process made (kernels.tuning), else autotuning
+            key = self.tuning_key()
+            config = self._config_named(tuning.lookup(self.device, self.kernel, key))
         with guard, hidden_from_dispatch():
             if config is None:
                 compiled = self.tuner[self._grid_of](*args, **consts)
                 config = self.tuner.best_config
+                tuning.remember(self.device, self.kernel, key, config_name(config))
             else:
                 compiled = self.kernel[self._grid_of](*args, **consts, **config.all_kwargs())
         if all(tensors[i].data_ptr() % 16 == 0 for i in self.checked):
@@ -879,6 +894,12 @@ class StageLaunch(CachedLaunch):
 
     def tuned_configs(self):
         return configs_for(self.spec, self.dtype, self.training)
+
+    def tuning_key(self):
+        # (the autotuner's key: bucketed sizes, spec, layout, precision, training; and the dtype)
+        consts = self.consts
+        return repr((self.tail[-3:], consts["SPEC"], consts["LAYOUT"], consts["INPUT_PRECISION"], self.training,
+                     str(self.dtype)))
 
     def _grid(self, meta):
         return (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])

@@ -160,7 +160,8 @@ def test_gpu_run_sh_without_a_gpu(tmp_path):
     assert len(files) <= 8 and {"env.txt", "log.txt", "smoke.jsonl", "report.md"} <= set(files), files
     assert "no CUDA device visible to torch" in (tmp_path / "out" / "report.md").read_text()
     log = (tmp_path / "out" / "log.txt").read_text()
-    for part in ("smoke", "networks-googlenet", "stages", "networks-inception_v3", "report"):
+    for part in ("smoke", "networks-googlenet", "stages", "first-forward cold", "first-forward warm",
+                 "networks-inception_v3", "report"):
         assert f"START {part}" in log, log
     r = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), "full", "list"], capture_output=True, text=True)
     assert r.returncode == 0 and "tests-kernels" in r.stdout
