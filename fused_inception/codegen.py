@@ -429,8 +429,14 @@ def main(argv=None):
     return kernels
 
 
-if __name__ == "__main__":
-    if kconv.INTERPRETING:  # the kernels were decorated for the interpreter: start again without it
-        os.execve(sys.executable, [sys.executable, "-m", "fused_inception.codegen", *sys.argv[1:]],
+def restart_without_interpreter(module):
+    """In a process whose kernels were decorated for the interpreter (TRITON_INTERPRET=1 when
+    they were imported), start `python -m module` with the same arguments again without it."""
+    if kconv.INTERPRETING:
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]],
                   {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+
+
+if __name__ == "__main__":
+    restart_without_interpreter("fused_inception.codegen")
     main()

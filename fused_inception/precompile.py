@@ -20,6 +20,7 @@ Example:
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import time
 
@@ -125,17 +126,11 @@ def main(argv=None):
                 model(x)
             torch.cuda.synchronize()
             record["next_forward_s"] = time.perf_counter() - start
-        import json
-
         with open(args.json, "a") as f:
             f.write(json.dumps(record) + "\n")
     return report
 
 
 if __name__ == "__main__":
-    import sys
-
-    if kconv.INTERPRETING:  # the kernels were decorated for the interpreter: start again without it
-        os.execve(sys.executable, [sys.executable, "-m", "fused_inception.precompile", *sys.argv[1:]],
-                  {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    codegen.restart_without_interpreter("fused_inception.precompile")
     main()
