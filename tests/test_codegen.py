@@ -20,8 +20,8 @@ import torch
 from fused_inception import codegen
 
 model_name, dtype_name, train, max_kernels = sys.argv[1], sys.argv[2], sys.argv[3] == "train", int(sys.argv[4])
-model = codegen._model(model_name, train)
-size = codegen._SIZES[model_name] if not train else (64 if model_name == "googlenet" else 75)
+model = codegen.model_named(model_name, train)
+size = codegen.default_size(model_name, train)
 x = torch.empty(32 if not train else 2, 3, size, size).to(memory_format=torch.channels_last)
 model = model.to(memory_format=torch.channels_last)
 dtype = codegen._DTYPES[dtype_name]
