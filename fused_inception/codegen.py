@@ -382,6 +382,8 @@ def parser():
     p.add_argument("--train", action="store_true",
                    help="training forward and backward (autocast to --dtype when it is 16-bit; fp32 parameters)")
     p.add_argument("--nchw", action="store_true", help="NCHW input (default: channels_last)")
+    p.add_argument("--work", action="store_true", help="print each stage launch's programs, K iterations and "
+                   "useful/issued MACs per config (fused_inception.work) instead of compiling")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     return p
 
@@ -397,6 +399,13 @@ def main(argv=None):
     fmt = torch.contiguous_format if args.nchw else torch.channels_last
     x = x.to(memory_format=fmt)
     model = model.to(memory_format=fmt)
+    if args.work:
+        from fused_inception import work
+
+        with torch.autocast("cpu", dtype=dtype, enabled=args.train and dtype != torch.float32):
+            launches = record_launches(model if args.train else model.to(dtype), x[:1] if args.train else x[:1].to(dtype))
+        print("\n".join(work.work_table(launches)))
+        return None
     start = time.perf_counter()
     if args.train and dtype != torch.float32:
         with torch.autocast("cpu", dtype=dtype):

@@ -1,0 +1,89 @@
+"""What each stage launch of a fused model asks of the GPU: programs, K iterations, MACs issued.
+
+From the launches a forward records (codegen.record_launches) and the kernel's tiling rules
+(kernels/conv.py: a problem's K loop runs over taps x channel chunks of BLOCK_K, half of it for
+fp32; a few-channel convolution flattens K in quarter chunks; a pooled 1x1 loads quarter chunks
+too), per launch and autotune config:
+
+- programs at a batch: the launch's grid (sum over problems of ceil(M / BLOCK_M) x
+  ceil(ncols / BLOCK_N), M = batch x output pixels): with 132 SMs, fewer than 66 leaves most of
+  an H100 idle;
+- the longest program's K iterations (the critical path of a launch with few programs);
+- useful and issued MACs: M x ncols x K against the tiles' padded M, N and K.
+
+`python -m fused_inception.codegen --model googlenet --dtype bf16 --work` prints it; nothing is
+compiled. (Issue 20 asks for tiles that issue at most 1.15x the useful MACs and batch-1 launches
+of 66 programs or more: this is the measure, not yet the fix.)
+"""
+
+from fused_inception.kernels import conv as kconv
+
+_FIELD = {name: i for i, name in enumerate(kconv.TABLE_FIELDS)}
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def problems_of(args, consts):
+    """Per problem of a recorded stage launch: (kind, kh, kw, cin, ncols, output pixels per image)."""
+    table, tail = args[0], args[11:]
+    o_hw, m_hw = tail[7] * tail[8], tail[13] * tail[14]  # (tail: batch, x's 6, out's 6, mid's 6, ...)
+    out = []
+    for spec, row in zip(consts["SPEC"], table.tolist()):
+        f = dict(zip(kconv.SPEC_FIELDS, spec))
+        out.append((f["kind"], f["kh"], f["kw"], row[_FIELD["cin"]], row[_FIELD["ncols"]],
+                    o_hw if f["dst0"] == kconv.BUF_OUT else m_hw))
+    return out
+
+
+def tile_work(problems, config, batch, fp32=False):
+    """(programs, longest program's K iterations, useful MACs, issued MACs) of a launch's
+    problems under a triton.Config at `batch`."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    bk = bk // 2 if fp32 else bk
+    programs = longest = useful = issued = 0
+    for kind, kh, kw, cin, ncols, hw in problems:
+        m = batch * hw
+        tiles_m, tiles_n = _cdiv(m, bm), _cdiv(ncols, bn)
+        programs += tiles_m * tiles_n
+        if kind == kconv.KIND_POOL:
+            continue
+        if kind == kconv.KIND_GEMM:
+            k, iters, chunk = kh * kw * cin, kh * kw * _cdiv(cin, bk), bk
+        elif kind == kconv.KIND_GEMM_FLAT:
+            k, chunk = kh * kw * cin, bk // 4
+            iters = _cdiv(k, chunk)
+        else:  # a pooled 1x1: quarter chunks of the channels
+            k, chunk = cin, bk // 4
+            iters = _cdiv(cin, chunk)
+        longest = max(longest, iters)
+        useful += m * ncols * k
+        issued += tiles_m * bm * tiles_n * bn * iters * chunk
+    return programs, longest, useful, issued
+
+
+def describe(problems):
+    names = {kconv.KIND_GEMM: "", kconv.KIND_GEMM_FLAT: " flat", kconv.KIND_POOLED_GEMM: " pooled"}
+    return ", ".join(f"pool {cin}" if kind == kconv.KIND_POOL else f"{kh}x{kw}{names[kind]} {cin}->{ncols}"
+                     for kind, kh, kw, cin, ncols, _ in problems)
+
+
+def work_table(launches, batches=(1, 32, 256)):
+    """Markdown rows, one per stage launch and config it may run under (recorded at batch 1;
+    the counts scale with the batch)."""
+    rows = ["| launch | problems | config | programs at batch " + "/".join(map(str, batches)) +
+            " | longest K iterations | useful / issued MACs at batch " + str(batches[-1]) + " |",
+            "|---|---|---|---|---|---|"]
+    for i, (kernel, args, consts, configs) in enumerate(launches):
+        if "SPEC" not in consts or "LAYOUT" not in consts:  # (the BatchNorm launches: elementwise)
+            continue
+        problems = problems_of(args, consts)
+        fp32 = args[4].element_size() > 2
+        for config in configs:
+            per_batch = [tile_work(problems, config, b, fp32) for b in batches]
+            _, longest, useful, issued = per_batch[-1]
+            rows.append(f"| {i} | {describe(problems)} | {kconv.config_name(config)} | "
+                        f"{'/'.join(str(w[0]) for w in per_batch)} | {longest} | "
+                        f"{useful / max(issued, 1):.0%} |")
+    return rows
