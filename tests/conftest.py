@@ -324,6 +324,21 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(autouse=True)
+def _tuning_picks_kept_apart(tmp_path_factory, monkeypatch):
+    """The autotuner's picks that a test's launches write (kernels.tuning: the GPU path, driven
+    on CPU by stand-ins) go to a directory of the test's own, never the user's Triton cache, and
+    no pick read by one test reaches another."""
+    from fused_inception.kernels import tuning
+
+    directory = []
+    monkeypatch.setattr(tuning, "cache_dir", lambda: directory[0] if directory else
+                        directory.append(str(tmp_path_factory.mktemp("tuning"))) or directory[0])
+    tuning.forget()
+    yield
+    tuning.forget()
+
+
+@pytest.fixture(autouse=True)
 def _seeded():
     """Every test draws its random inputs from the same seed, whatever ran before it."""
     torch.manual_seed(0)
