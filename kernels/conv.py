@@ -805,17 +805,11 @@ class CachedLaunch:
         count_launch()
 
     def _configs(self):
-        """The configs this launch may run under."""
+        """The configs this launch may run under (a launch with a tuner defines tuned_configs and
+        tuning_key: the configs it is tuned over, and what its pick depends on)."""
         if self.config is not None:
             return [self.config]
         return [_pinned] if _pinned is not None else self.tuned_configs()
-
-    def tuned_configs(self):
-        return [self.config]
-
-    def tuning_key(self):
-        """What the autotuner's pick depends on (a string: kernels.tuning's key)."""
-        return repr((self.tail, sorted((k, str(v)) for k, v in self.consts.items())))
 
     def _config_named(self, name):
         """The config of that name if this launch may run under it, else None."""

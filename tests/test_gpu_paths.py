@@ -45,13 +45,15 @@ class _Kernel:
 
 class _Tuner:
     """Triton's autotuner as the first launch sees it: benchmarking runs torch ops (zeroing
-    buffers, flushing L2), then it launches the best config and returns the compiled kernel."""
+    buffers, flushing L2), then it launches the best config (`best`) and returns the compiled
+    kernel. `runs` counts the tunings."""
 
-    def __init__(self, kernel):
-        self.kernel, self.best_config = kernel, kconv.CONFIGS[0]
+    def __init__(self, kernel, best=None):
+        self.kernel, self.best_config, self.runs = kernel, best or kconv.CONFIGS[0], 0
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
+            self.runs += 1
             torch.zeros(4).zero_()  # what do_bench's L2 flush and reset_to_zero do
             return self.kernel
         return run
@@ -189,14 +191,21 @@ def test_configs_pruned_where_the_compiled_code_spills():
 
 
 class _Jit:
-    """A @triton.jit kernel as a first launch sees it: compiles (counted), returns the kernel."""
+    """A @triton.jit kernel as a first launch under a known config sees it: compiles, recording
+    the config's (BLOCK_M, BLOCK_N, num_warps), and returns the kernel."""
+
+    cache_key = "kernel source"  # (kernels.tuning keys its picks by it)
 
     def __init__(self, kernel):
-        self.kernel, self.compiles = kernel, 0
+        self.kernel, self.configs = kernel, []
+
+    @property
+    def compiles(self):
+        return len(self.configs)
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            self.compiles += 1
+            self.configs.append((kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N"), kwargs.get("num_warps")))
             return self.kernel
         return run
 
@@ -211,20 +220,17 @@ def test_training_launches_go_straight_to_the_compiled_kernels(monkeypatch):
 
     kernel = _Kernel()
     tuner, jit = _Tuner(kernel), _Jit(kernel)
-    tuned = []
     monkeypatch.setattr(kconv, "INTERPRETING", False)  # (the GPU path: through the tuner, on CPU tensors)
     monkeypatch.setattr(program, "triton_available_for", lambda x: True)
     monkeypatch.setattr(kconv, "_train_tuner", tuner)
     monkeypatch.setattr(kbn.ApplyLaunch, "kernel", jit)
     monkeypatch.setattr(kbn.BackwardLaunch, "kernel", jit)
-    original = _Tuner.__getitem__
-    monkeypatch.setattr(_Tuner, "__getitem__", lambda self, grid: tuned.append(grid) or original(self, grid))
     block = FusedInception(192, 64, 96, 128, 16, 32, 32).train()
     x = torch.randn(2, 192, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
     for step in range(3):
-        before = (len(tuned), jit.compiles, len(kernel.calls))
+        before = (tuner.runs, jit.compiles, len(kernel.calls))
         with count_launches() as n:
             block(x).sum().backward()
         assert n.value == 9
-        assert (len(tuned) - before[0], jit.compiles - before[1]) == ((2, 7) if step == 0 else (0, 0))
+        assert (tuner.runs - before[0], jit.compiles - before[1]) == ((2, 7) if step == 0 else (0, 0))
         assert len(kernel.calls) - before[2] == (0 if step == 0 else 9)

@@ -16,7 +16,7 @@ import torch
 from fused_inception import FusedInception, count_launches, warmup
 from fused_inception.kernels import conv as kconv
 from fused_inception.kernels import tuning
-from test_gpu_paths import _Kernel, _Tuner, _launch
+from test_gpu_paths import _Jit, _Kernel, _Tuner, _launch
 
 
 @pytest.fixture
@@ -29,35 +29,10 @@ def picks_dir(tmp_path, monkeypatch):
     tuning.forget()
 
 
-class _CountingTuner(_Tuner):
-    def __init__(self, kernel, best):
-        super().__init__(kernel)
-        self.best_config, self.runs = best, 0
-
-    def __getitem__(self, grid):
-        self.runs += 1
-        return super().__getitem__(grid)
-
-
-class _Jit:
-    """The JIT as a first launch under a known config sees it: records the config it was given."""
-
-    cache_key = "stage kernel source"
-
-    def __init__(self, kernel):
-        self.kernel, self.configs = kernel, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.configs.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]))
-            return self.kernel
-        return run
-
-
 def _gpu_path(monkeypatch, best):
     """A fresh launch whose first call goes through the GPU path: (call, tuner, jit)."""
     kernel = _Kernel()
-    tuner, jit = _CountingTuner(kernel, best), _Jit(kernel)
+    tuner, jit = _Tuner(kernel, best), _Jit(kernel)
     monkeypatch.setattr(kconv, "INTERPRETING", False)
     monkeypatch.setattr(kconv, "_eval_tuner", tuner)
     monkeypatch.setattr(kconv.StageLaunch, "kernel", jit)
