@@ -18,6 +18,9 @@ every autotune config with the specialisation Triton's JIT would give those argu
     python -m fused_inception.codegen --model googlenet --dtype bf16 --batch 32 [--train]
 
 prints a row per kernel and config, the number of distinct kernels and the compile time;
+with --work, each stage launch's programs, K iterations and MACs (fused_inception.work), then
+each compiled kernel's K loops read from its SASS (fused_inception.sass: instructions per wgmma,
+async copies, synchronous loads, full waits, barriers; registers and programs per SM);
 `check_marks` says which kernel misses which mark (see `MARKS`). Run with TRITON_INTERPRET unset
 (the CLI restarts itself without it).
 
@@ -39,6 +42,7 @@ import time
 
 import torch
 
+from fused_inception import sass
 from fused_inception.kernels import conv as kconv
 
 HOPPER = (90, 32)  # (compute capability, warp size)
@@ -81,6 +85,20 @@ def _signature(kernel, args, consts):
     return signature, constexprs, attrs
 
 
+def _problem_name(f):
+    """A stage problem (its SPEC fields) in a label: "3x3", "7x7/s2 flat", "pool+1x1", "pool";
+    a convolution kind other than KIND_GEMM by its KIND_ name in kernels/conv.py ("flat")."""
+    if f["kind"] == kconv.KIND_POOLED_GEMM:
+        return "pool+1x1"
+    if f["kind"] == kconv.KIND_POOL:
+        return "pool"
+    name = f"{f['kh']}x{f['kw']}" + (f"/s{f['sh']}" if max(f["sh"], f["sw"]) > 1 else "")
+    if f["kind"] != kconv.KIND_GEMM:
+        kinds = {v: k for k, v in vars(kconv).items() if k.startswith("KIND_")}
+        name += " " + kinds.get(f["kind"], f"KIND_{f['kind']}").removeprefix("KIND_").removeprefix("GEMM_").lower()
+    return name
+
+
 def _label(kernel, consts, config):
     """A short name: the kernel, its problems (stage kernel) or parts (BatchNorm), the config."""
     name = kernel.__name__.lstrip("_").replace("_kernel", "")
@@ -88,11 +106,7 @@ def _label(kernel, consts, config):
         problems = []
         for spec in consts["SPEC"]:
             f = dict(zip(kconv.SPEC_FIELDS, spec))
-            kind = {kconv.KIND_GEMM: f"{f['kh']}x{f['kw']}" + (f"/s{f['sh']}" if max(f["sh"], f["sw"]) > 1 else ""),
-                    kconv.KIND_POOLED_GEMM: "pool+1x1", kconv.KIND_POOL: "pool",
-                    kconv.KIND_GEMM_FLAT: f"{f['kh']}x{f['kw']}" + (f"/s{f['sh']}" if max(f["sh"], f["sw"]) > 1 else "")
-                    + " flat"}[f["kind"]]
-            problems.append(f"{kind}@{f['align']}")
+            problems.append(f"{_problem_name(f)}@{f['align']}")
         name += "[" + ",".join(problems) + "]" + (" train" if consts.get("TRAIN") else "")
     elif "PARTS" in consts:
         name += f"[{len(consts['PARTS'])} parts]"
@@ -153,7 +167,8 @@ def _jit_compile_args(kernel, args, kwargs, target):
 
 def jobs_of(launches, target=HOPPER):
     """The distinct compilations of recorded launches: (label, kernel, signature, constexprs,
-    attrs, options, metadata)."""
+    attrs, options, metadata); metadata: the launch's constexprs, its dtype name and the
+    triton.Config."""
     seen, jobs = set(), []
     for kernel, args, consts, configs in launches:
         for config in configs:
@@ -166,7 +181,7 @@ def jobs_of(launches, target=HOPPER):
             signature, constexprs, attrs, options = packed
             dtype = _dtype_name(consts, args)
             job = (f"{_label(kernel, consts, config)} {dtype}", kernel, signature, constexprs, attrs, options,
-                   dict(consts, dtype=dtype))
+                   dict(consts, dtype=dtype, config=config))
             key = job_key(job)
             if key in seen:
                 continue
@@ -315,6 +330,15 @@ def kernel_stats(compiled):
     }
 
 
+def _expects_wgmma(meta):
+    """Whether a kernel (its fused_inception_meta) has a convolution on tensor-core operands."""
+    if "SPEC" not in meta:
+        return False
+    kinds = {dict(zip(kconv.SPEC_FIELDS, s))["kind"] for s in meta["SPEC"]}
+    tensor_cores = meta["dtype"] in ("bf16", "fp16") or meta.get("INPUT_PRECISION") == "tf32"
+    return tensor_cores and bool(kinds & {kconv.KIND_GEMM, kconv.KIND_POOLED_GEMM})
+
+
 def check_marks(label, compiled, stats):
     """The marks (MARKS) this kernel misses: a list of strings, empty when it meets them all."""
     meta = compiled.fused_inception_meta
@@ -329,8 +353,7 @@ def check_marks(label, compiled, stats):
         fields = [dict(zip(kconv.SPEC_FIELDS, s)) for s in meta["SPEC"]]
         gemms = [f for f in fields if f["kind"] == kconv.KIND_GEMM]
         pooled = [f for f in fields if f["kind"] == kconv.KIND_POOLED_GEMM]
-        tensor_cores = meta["dtype"] in ("bf16", "fp16") or meta.get("INPUT_PRECISION") == "tf32"
-        if (gemms or pooled) and tensor_cores and not stats["wgmma"]:
+        if _expects_wgmma(meta) and not stats["wgmma"]:
             misses.append("no wgmma")
         aligned = [f for f in gemms if f["align"] >= 8]
         if aligned and stats["pipelined"] < len(gemms):
@@ -383,9 +406,89 @@ def parser():
                    help="training forward and backward (autocast to --dtype when it is 16-bit; fp32 parameters)")
     p.add_argument("--nchw", action="store_true", help="NCHW input (default: channels_last)")
     p.add_argument("--work", action="store_true", help="print each stage launch's programs, K iterations and "
-                   "useful/issued MACs per config (fused_inception.work) instead of compiling")
+                   "useful/issued MACs per config (fused_inception.work), then each compiled kernel's K loops "
+                   "read from its SASS (fused_inception.sass)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     return p
+
+
+def _compile_model(args, model, x, dtype):
+    """compile_kernels as the CLI's arguments ask: (kernels, seconds)."""
+    start = time.perf_counter()
+    if args.train and dtype != torch.float32:
+        with torch.autocast("cpu", dtype=dtype):
+            kernels = compile_kernels(model, x, workers=args.workers)
+    else:
+        kernels = compile_kernels(model.to(dtype), x.to(dtype), workers=args.workers)
+    return kernels, time.perf_counter() - start
+
+
+SASS_HEAD = ["kernel", "regs", "programs/SM", "K loop", "instrs/wgmma (ref)", "ldgsts", "ldg", "full waits", "bar",
+             "verdict"]
+
+
+def _reference(compiled):
+    """The reference instructions per wgmma (fused_inception.sass) of a 16-bit stage kernel's
+    tile; None for other kernels."""
+    meta = compiled.fused_inception_meta
+    config = meta.get("config")
+    if meta["dtype"] not in ("bf16", "fp16") or config is None or "BLOCK_M" not in config.kwargs:
+        return None
+    return sass.reference_per_mma(kconv.config_name(config))
+
+
+def _sass_kernel_rows(label, compiled, code):
+    """Markdown rows of one compiled kernel: one per K loop (one row when it has none)."""
+    limits = sass.occupancy(compiled, code)
+    programs = min(limits.values())
+    head = (f"| {label} | {code.registers} | {programs} "
+            f"({', '.join(k for k, v in limits.items() if v == programs)}) |")
+    if not code.loops:
+        verdict = "no wgmma K loop" if _expects_wgmma(compiled.fused_inception_meta) else "ok (no K loop)"
+        return [head + f" - | - | - | - | - | - | {verdict} |"]
+    ref = _reference(compiled)
+    rows = []
+    for loop in code.loops:
+        defects = [d.split(": ", 1)[1] for d in sass.loop_defects([loop], ref)]
+        rows.append(head + f" {loop.start:#x} | {loop.per_mma}{f' ({ref})' if ref else ''} | {loop.ldgsts} | "
+                    f"{loop.ldg} | {loop.full_wait} | {loop.bar} | {'; '.join(defects) or 'ok'} |")
+    return rows
+
+
+def sass_table(kernels, workers=1):
+    """Markdown rows: per compiled kernel (compile_kernels) its registers and programs per SM
+    (and what limits them), per K loop in its SASS the instructions per 64x128x16 wgmma (with
+    the tile's reference), 16-byte async copies, synchronous loads, full wgmma waits, barriers
+    and the loop's defects (fused_inception.sass)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:  # (cuobjdump runs in a subprocess)
+        codes = list(pool.map(sass.kernel_code, [c for _, c in kernels]))
+    rows = ["| " + " | ".join(SASS_HEAD) + " |", "|" + "---|" * len(SASS_HEAD)]
+    for (label, compiled), code in zip(kernels, codes):
+        rows += _sass_kernel_rows(label, compiled, code)
+    return rows
+
+
+def _print_work(args, model, x, dtype):
+    """--work: the stage launches' work (fused_inception.work), then the compiled kernels' K
+    loops (sass_table)."""
+    from fused_inception import work
+
+    with torch.autocast("cpu", dtype=dtype, enabled=args.train and dtype != torch.float32):
+        launches = record_launches(model if args.train else model.to(dtype), x[:1] if args.train else x[:1].to(dtype))
+    print("\n".join(work.work_table(launches)))
+    kernels, compile_s = _compile_model(args, model, x, dtype)
+    start = time.perf_counter()
+    rows = sass_table(kernels, args.workers)
+    print(f"\nK loops in the SASS of the {len(kernels)} compiled kernels (sm_90, Triton "
+          f"{__import__('triton').__version__}; instructions per 64x128x16 wgmma against the reference "
+          f"implicit-GEMM conv of the tile, limit {sass.PER_MMA_SLACK}x):")
+    print("\n".join(rows))
+    flagged = sum(not r.rsplit("|", 2)[-2].strip().startswith("ok") for r in rows[2:])
+    print(f"{len(rows) - 2} rows, {flagged} with a defect; compile {compile_s:.1f} s, "
+          f"SASS read in {time.perf_counter() - start:.1f} s")
+    return kernels
 
 
 def main(argv=None):
@@ -400,19 +503,8 @@ def main(argv=None):
     x = x.to(memory_format=fmt)
     model = model.to(memory_format=fmt)
     if args.work:
-        from fused_inception import work
-
-        with torch.autocast("cpu", dtype=dtype, enabled=args.train and dtype != torch.float32):
-            launches = record_launches(model if args.train else model.to(dtype), x[:1] if args.train else x[:1].to(dtype))
-        print("\n".join(work.work_table(launches)))
-        return None
-    start = time.perf_counter()
-    if args.train and dtype != torch.float32:
-        with torch.autocast("cpu", dtype=dtype):
-            kernels = compile_kernels(model, x, workers=args.workers)
-    else:
-        kernels = compile_kernels(model.to(dtype), x.to(dtype), workers=args.workers)
-    compile_s = time.perf_counter() - start
+        return _print_work(args, model, x, dtype)
+    kernels, compile_s = _compile_model(args, model, x, dtype)
     head = ["kernel", "wgmma", "mma.sync", "cp.async (bytes)", "tma", "ld.global v4/v2/1", "pipelined", "regs",
             "spills", "shared", "misses"]
     print(f"{args.model} {'train' if args.train else 'eval'} {args.dtype}, input {tuple(x.shape)}"

@@ -11,9 +11,10 @@ too), per launch and autotune config:
 - the longest program's K iterations (the critical path of a launch with few programs);
 - useful and issued MACs: M x ncols x K against the tiles' padded M, N and K.
 
-`python -m fused_inception.codegen --model googlenet --dtype bf16 --work` prints it; nothing is
-compiled. (Issue 20 asks for tiles that issue at most 1.15x the useful MACs and batch-1 launches
-of 66 programs or more: this is the measure, not yet the fix.)
+`python -m fused_inception.codegen --model googlenet --dtype bf16 --work` prints it (nothing
+compiled for it), then what the compiled kernels' K loops cost (fused_inception.sass). (Issue 20
+asks for tiles that issue at most 1.15x the useful MACs and batch-1 launches of 66 programs or
+more: this is the measure, not yet the fix.)
 """
 
 from fused_inception.kernels import conv as kconv
@@ -65,7 +66,8 @@ def tile_work(problems, config, batch, fp32=False):
 
 def describe(problems):
     names = {kconv.KIND_GEMM: "", kconv.KIND_GEMM_FLAT: " flat", kconv.KIND_POOLED_GEMM: " pooled"}
-    return ", ".join(f"pool {cin}" if kind == kconv.KIND_POOL else f"{kh}x{kw}{names[kind]} {cin}->{ncols}"
+    return ", ".join(f"pool {cin}" if kind == kconv.KIND_POOL else f"{kh}x{kw}{names.get(kind, f' kind {kind}')} "
+                     f"{cin}->{ncols}"
                      for kind, kh, kw, cin, ncols, _ in problems)
 
 
