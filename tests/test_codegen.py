@@ -61,3 +61,126 @@ def test_kernels_meet_the_hopper_marks(model, dtype, mode, max_kernels):
                        capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "compiled" in r.stdout
+
+
+# Two tiny matmuls compiled for sm_90, read by fused_inception.sass: a pipelined K loop (tl.range
+# with stages: async copies, no synchronous load, no full wait) and one whose A rows are gathered
+# through indices loaded in the loop, unpipelined (num_stages=1: the gather waits on memory).
+SASS_SCRIPT = r'''
+import json, sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fused_inception import sass
+
+
+@triton.jit
+def pipelined(a, b, c, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k in tl.range(0, K, BK, num_stages=3):
+        x = tl.load(a + rm[:, None] * K + (k + rk)[None, :])
+        y = tl.load(b + (k + rk)[:, None] * BN + rn[None, :])
+        acc = tl.dot(x, y, acc)
+    tl.store(c + rm[:, None] * BN + rn[None, :], acc)
+
+
+@triton.jit
+def gathered(a, b, c, rows, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k in range(0, K, BK):
+        row = tl.load(rows + k // BK * BM + tl.arange(0, BM))
+        x = tl.load(a + row[:, None] * K + (k + rk)[None, :])
+        y = tl.load(b + (k + rk)[:, None] * BN + rn[None, :])
+        acc = tl.dot(x, y, acc)
+    tl.store(c + rm[:, None] * BN + rn[None, :], acc)
+
+
+def compile(fn, signature, stages):
+    names = list(signature)
+    consts = {"BM": 64, "BN": 128, "BK": 64}
+    sig = dict(signature, **{k: "constexpr" for k in consts})
+    src = ASTSource(fn, sig, constexprs={(len(names) + i,): v for i, v in enumerate(consts.values())},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(len(names))})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
+
+
+out = {}
+for name, fn, signature, stages in [
+        ("pipelined", pipelined, {"a": "*bf16", "b": "*bf16", "c": "*fp32", "K": "i32"}, 3),
+        ("gathered", gathered, {"a": "*bf16", "b": "*bf16", "c": "*fp32", "rows": "*i32", "K": "i32"}, 1)]:
+    compiled = compile(fn, signature, stages)
+    code = sass.kernel_code(compiled)
+    out[name] = dict(loops=[dict(vars(loop), per_mma=loop.per_mma) for loop in code.loops],
+                     registers=code.registers, programs=sass.programs_per_sm(compiled, code),
+                     defects=sass.loop_defects(code.loops, reference=1000))
+print(json.dumps(out))
+'''
+
+
+def test_sass_reader_on_a_pipelined_and_a_gathering_loop(tmp_path):
+    try:
+        from fused_inception import sass
+
+        sass.cuobjdump()
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"no cuobjdump to read SASS with: {e}")
+    script = tmp_path / "sass_kernels.py"  # (Triton compiles @jit functions from a file)
+    script.write_text(SASS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    import json
+
+    found = json.loads(r.stdout.splitlines()[-1])
+    pipelined, gathered = found["pipelined"], found["gathered"]
+    assert len(pipelined["loops"]) == 1 and len(gathered["loops"]) == 1, found
+    loop = pipelined["loops"][0]
+    assert loop["hgmma"] > 0 and loop["ldgsts"] > 0 and loop["ldg"] == 0 and loop["full_wait"] == 0, loop
+    assert loop["per_mma"] < 100 and pipelined["defects"] == [], pipelined
+    loop = gathered["loops"][0]
+    assert loop["hgmma"] > 0 and (loop["ldg"] > 0 or loop["full_wait"] > 0), loop
+    assert gathered["defects"], gathered
+    for kernel in (pipelined, gathered):
+        assert 0 < kernel["registers"] <= 255 and 1 <= kernel["programs"] <= 32, kernel
+
+
+# SASS as cuobjdump prints it (encodings cut): an outer loop around an inner one with the HGMMA,
+# and a loop without one.
+SASS_TEXT = """
+        /*0100*/                   MOV R1, R2 ;
+        /*0110*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;
+        /*0120*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*0130*/                   NOP ;
+        /*0140*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0150*/              @!P0 BRA 0x110 ;
+        /*0160*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0170*/               @P1 BRA 0x100 ;
+        /*0180*/                   LDGSTS.E.BYPASS.LTC128B.128 [R5], desc[UR4][R2.64] ;
+        /*0190*/                   BRA 0x180 ;
+"""
+
+
+def test_sass_loops_take_the_innermost_loop_with_an_hgmma():
+    from types import SimpleNamespace
+
+    from fused_inception import sass
+
+    loop, = sass.parse_loops(SASS_TEXT)
+    assert (loop.start, loop.end, loop.instrs, loop.hgmma, loop.ldg, loop.full_wait) == (0x110, 0x150, 4, 1, 1, 1)
+    assert loop.per_mma == 4.0 and loop.ldgsts == 0
+    assert len(sass.loop_defects([loop], reference=3.0)) == 3 and sass.loop_defects([loop], reference=None) != []
+    assert sass.reference_per_mma("m64n64k64w4s3") == 92.0 and sass.reference_per_mma("m64n64k64w4s5") == 92.0
+    assert sass.reference_per_mma("m32n32k32w2s2") is None
+    # 168 registers: 5376 a warp, 3 warps per quarter of the register file: one 8-warp program;
+    # 100 KB of shared memory (+1 KB reserved): two.
+    compiled = SimpleNamespace(metadata=SimpleNamespace(num_warps=8, shared=100 * 1024))
+    code = sass.KernelCode([], registers=168, static_shared=1024)
+    assert sass.occupancy(compiled, code) == {"registers": 1, "shared": 2, "threads": 8}
+    assert sass.programs_per_sm(compiled, code) == 1
