@@ -450,7 +450,8 @@ def _sass_kernel_rows(label, compiled, code):
     rows = []
     for loop in code.loops:
         defects = [d.split(": ", 1)[1] for d in sass.loop_defects([loop], ref)]
-        rows.append(head + f" {loop.start:#x} | {loop.per_mma}{f' ({ref})' if ref else ''} | {loop.ldgsts} | "
+        narrow = f" ({loop.ldgsts - loop.ldgsts_16} narrower than 16 B)" if loop.ldgsts_16 < loop.ldgsts else ""
+        rows.append(head + f" {loop.start:#x} | {loop.per_mma}{f' ({ref})' if ref else ''} | {loop.ldgsts}{narrow} | "
                     f"{loop.ldg} | {loop.full_wait} | {loop.bar} | {'; '.join(defects) or 'ok'} |")
     return rows
 
@@ -458,8 +459,8 @@ def _sass_kernel_rows(label, compiled, code):
 def sass_table(kernels, workers=1):
     """Markdown rows: per compiled kernel (compile_kernels) its registers and programs per SM
     (and what limits them), per K loop in its SASS the instructions per 64x128x16 wgmma (with
-    the tile's reference), 16-byte async copies, synchronous loads, full wgmma waits, barriers
-    and the loop's defects (fused_inception.sass)."""
+    the tile's reference), async copies (and how many are narrower than 16 bytes), synchronous
+    loads, full wgmma waits, barriers and the loop's defects (fused_inception.sass)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(workers) as pool:  # (cuobjdump runs in a subprocess)

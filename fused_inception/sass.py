@@ -12,7 +12,8 @@ A K loop is the innermost backward branch whose body holds an HGMMA (wgmma in SA
                 about 32 clocks: a loop above ~100 instructions per 64x128x16 wgmma per warpgroup
                 cannot feed the tensor cores even with perfect overlap, and well below that is
                 what leaves room for the address arithmetic, waits and epilogue of real tiles.
-    ldgsts      16-byte asynchronous global->shared copies (cp.async): a pipelined loop's loads
+    ldgsts      asynchronous global->shared copies (cp.async, LDGSTS): a pipelined loop's loads;
+                `ldgsts_16` of them 16 bytes wide (.128), the rest narrower (more of them per byte)
     tma         bulk tensor copies (UTMALDG, UBLKCP)
     ldg         synchronous global loads into registers: the loop waits on memory every
                 iteration (nothing hides the latency but other programs on the SM)
@@ -72,6 +73,7 @@ class Loop:
     hgmma: int
     mma: float  # 64x128x16-equivalents
     ldgsts: int
+    ldgsts_16: int
     tma: int
     ldg: int
     full_wait: int
@@ -142,9 +144,9 @@ def _loop(start, end, body):
     real = [t for t in body if not t.startswith("NOP")]
     mma = [t for t in real if t.startswith("HGMMA")]
     return Loop(start=start, end=end, instrs=len(real), hgmma=len(mma), mma=sum(map(_mma_equivalents, mma)),
-                ldgsts=_count(real, r"LDGSTS\b"), tma=_count(real, r"(UTMALDG|UBLKCP)\b"),
-                ldg=_count(real, r"LDG(\.|\s|$)"), full_wait=_count(real, r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b"),
-                bar=_count(real, r"BAR\.SYNC\b"))
+                ldgsts=_count(real, r"LDGSTS\b"), ldgsts_16=_count(real, r"LDGSTS\S*\.128\b"),
+                tma=_count(real, r"(UTMALDG|UBLKCP)\b"), ldg=_count(real, r"LDG(\.|\s|$)"),
+                full_wait=_count(real, r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b"), bar=_count(real, r"BAR\.SYNC\b"))
 
 
 def parse_loops(sass):

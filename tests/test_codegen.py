@@ -143,6 +143,7 @@ def test_sass_reader_on_a_pipelined_and_a_gathering_loop(tmp_path):
     assert len(pipelined["loops"]) == 1 and len(gathered["loops"]) == 1, found
     loop = pipelined["loops"][0]
     assert loop["hgmma"] > 0 and loop["ldgsts"] > 0 and loop["ldg"] == 0 and loop["full_wait"] == 0, loop
+    assert loop["ldgsts_16"] == loop["ldgsts"], loop  # (bf16 rows of 64: 16-byte copies)
     assert loop["per_mma"] < 100 and pipelined["defects"] == [], pipelined
     loop = gathered["loops"][0]
     assert loop["hgmma"] > 0 and (loop["ldg"] > 0 or loop["full_wait"] > 0), loop
@@ -159,11 +160,13 @@ SASS_TEXT = """
         /*0120*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
         /*0130*/                   NOP ;
         /*0140*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
-        /*0150*/              @!P0 BRA 0x110 ;
-        /*0160*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
-        /*0170*/               @P1 BRA 0x100 ;
-        /*0180*/                   LDGSTS.E.BYPASS.LTC128B.128 [R5], desc[UR4][R2.64] ;
-        /*0190*/                   BRA 0x180 ;
+        /*0150*/                   LDGSTS.E.BYPASS.LTC128B.128 [R5], desc[UR4][R2.64] ;
+        /*0160*/                   LDGSTS.E.64 [R5+0x8], desc[UR4][R2.64+0x8] ;
+        /*0170*/              @!P0 BRA 0x110 ;
+        /*0180*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0190*/               @P1 BRA 0x100 ;
+        /*01a0*/                   LDGSTS.E.BYPASS.LTC128B.128 [R5], desc[UR4][R2.64] ;
+        /*01b0*/                   BRA 0x1a0 ;
 """
 
 
@@ -173,9 +176,9 @@ def test_sass_loops_take_the_innermost_loop_with_an_hgmma():
     from fused_inception import sass
 
     loop, = sass.parse_loops(SASS_TEXT)
-    assert (loop.start, loop.end, loop.instrs, loop.hgmma, loop.ldg, loop.full_wait) == (0x110, 0x150, 4, 1, 1, 1)
-    assert loop.per_mma == 4.0 and loop.ldgsts == 0
-    assert len(sass.loop_defects([loop], reference=3.0)) == 3 and sass.loop_defects([loop], reference=None) != []
+    assert (loop.start, loop.end, loop.instrs, loop.hgmma, loop.ldg, loop.full_wait) == (0x110, 0x170, 6, 1, 1, 1)
+    assert loop.per_mma == 6.0 and (loop.ldgsts, loop.ldgsts_16) == (2, 1)
+    assert len(sass.loop_defects([loop], reference=4.0)) == 3 and sass.loop_defects([loop], reference=None) != []
     assert sass.reference_per_mma("m64n64k64w4s3") == 92.0 and sass.reference_per_mma("m64n64k64w4s5") == 92.0
     assert sass.reference_per_mma("m32n32k32w2s2") is None
     # 168 registers: 5376 a warp, 3 warps per quarter of the register file: one 8-warp program;
