@@ -50,11 +50,13 @@ MAX_SHARED = 232448  # bytes of shared memory a Hopper program may use (227 KB)
 
 MARKS = """\
 stage kernels (convolutions): wgmma (16-bit operands or TF32); every K loop of a convolution
-  software-pipelined (async copies, >= 2 stages in flight); every async copy 16 bytes; 0 bytes
-  spilled; shared memory <= 227 KB. A 1x1 convolution of a pooled input builds its A tile from
-  the window's shifted loads in registers: its loop is not pipelined by design, its loads must
-  be 16 bytes wide where the channels allow (align 8).
-  Problems whose channels are not multiples of 8 (stems with 3 input channels): 0 bytes spilled.
+  software-pipelined (async copies, >= 2 stages in flight); every async copy 16 bytes (a padded
+  stem's input taps: kernels.conv.TAP_CHANNELS channels, 8 bytes in a 16-bit dtype); 0 bytes
+  spilled; shared memory <= 227 KB. A pool branch's pool runs alone in the stage before its 1x1
+  (layout._pool_first), so its 1x1 is a plain GEMM; a 1x1 of a strided pool (no network here has
+  one) builds its A tile from the window's shifted loads in registers: that loop is not
+  pipelined by design, its loads must be 16 bytes wide where the channels allow (align 8).
+  Problems whose channels are not multiples of 8 (other than a padded stem): 0 bytes spilled.
 BatchNorm kernels: 0 bytes spilled; 16-byte loads where the channels allow."""
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -336,7 +338,7 @@ def _expects_wgmma(meta):
         return False
     kinds = {dict(zip(kconv.SPEC_FIELDS, s))["kind"] for s in meta["SPEC"]}
     tensor_cores = meta["dtype"] in ("bf16", "fp16") or meta.get("INPUT_PRECISION") == "tf32"
-    return tensor_cores and bool(kinds & {kconv.KIND_GEMM, kconv.KIND_POOLED_GEMM})
+    return tensor_cores and bool(kinds & {kconv.KIND_GEMM, kconv.KIND_POOLED_GEMM, kconv.KIND_GEMM_TAPS})
 
 
 def check_marks(label, compiled, stats):
@@ -347,15 +349,23 @@ def check_marks(label, compiled, stats):
         misses.append(f"{stats['spills']} bytes spilled")
     if stats["shared"] > MAX_SHARED:
         misses.append(f"{stats['shared']} bytes of shared memory")
-    if any(width != 16 for width in stats["cp.async bytes"]):
+    fields = [dict(zip(kconv.SPEC_FIELDS, s)) for s in meta.get("SPEC", ())]
+    # (a padded stem's tap is TAP_CHANNELS channels: 8 bytes in a 16-bit dtype)
+    tap_bytes = {kconv.TAP_CHANNELS * 2} if (meta.get("dtype") in ("bf16", "fp16")
+                                             and any(f["kind"] == kconv.KIND_GEMM_TAPS for f in fields)) else set()
+    if any(width != 16 and width not in tap_bytes for width in stats["cp.async bytes"]):
         misses.append(f"async copies of {sorted(stats['cp.async bytes'])} bytes")
     if "SPEC" in meta:
-        fields = [dict(zip(kconv.SPEC_FIELDS, s)) for s in meta["SPEC"]]
-        gemms = [f for f in fields if f["kind"] == kconv.KIND_GEMM]
+        gemms = [f for f in fields if f["kind"] in (kconv.KIND_GEMM, kconv.KIND_GEMM_TAPS)]
         pooled = [f for f in fields if f["kind"] == kconv.KIND_POOLED_GEMM]
         if _expects_wgmma(meta) and not stats["wgmma"]:
             misses.append("no wgmma")
-        aligned = [f for f in gemms if f["align"] >= 8]
+        config = meta.get("config")
+        if config is not None and "BLOCK_K" in config.kwargs:  # (a padded stem whose K fits one chunk: no loop)
+            bk = config.kwargs["BLOCK_K"] // (2 if meta["dtype"] == "fp32" else 1)
+            gemms = [f for f in gemms if not (f["kind"] == kconv.KIND_GEMM_TAPS
+                                              and f["kh"] * f["kw"] * kconv.TAP_CHANNELS <= bk)]
+        aligned = [f for f in gemms if f["align"] >= 8 or f["kind"] == kconv.KIND_GEMM_TAPS]
         if aligned and stats["pipelined"] < len(gemms):
             misses.append(f"{len(gemms) - stats['pipelined']} of {len(gemms)} convolution K loops not pipelined")
         if any(f["align"] >= 8 for f in pooled) and not stats["ld.global v4/v2/1"][0]:
@@ -478,7 +488,7 @@ def _print_work(args, model, x, dtype):
 
     with torch.autocast("cpu", dtype=dtype, enabled=args.train and dtype != torch.float32):
         launches = record_launches(model if args.train else model.to(dtype), x[:1] if args.train else x[:1].to(dtype))
-    print("\n".join(work.work_table(launches)))
+    print("\n".join(work.work_table(launches, in_channels=x.shape[1])))
     kernels, compile_s = _compile_model(args, model, x, dtype)
     start = time.perf_counter()
     rows = sass_table(kernels, args.workers)

@@ -76,9 +76,38 @@ def power_of_two_dividing(*values, cap=8):
 
 
 # A convolution with fewer input channels than this runs its K loop over (tap, channel) pairs
-# (kconv.KIND_GEMM_FLAT): a stem's 3 channels would fill a 64-wide K chunk per tap to 5%. From 8
+# (kconv.KIND_GEMM_FLAT): a 4-channel conv would fill a 64-wide K chunk per tap to 6%. From 8
 # channels on, a tap's channels are 16 bytes: the pipelined per-tap loop with masks serves better.
+# A block input of fewer than kconv.TAP_CHANNELS channels (a stem's 3) is padded instead (below).
 FLAT_K_BELOW = 8
+
+
+def input_channels(layout, in_channels):
+    """The channels of the block input the kernels read: kconv.TAP_CHANNELS when the block has
+    fewer and a convolution reads it (the plan pads a copy, `padded_input`: each tap one vector,
+    a pipelined K loop, kconv.KIND_GEMM_TAPS), else in_channels."""
+    if in_channels < kconv.TAP_CHANNELS and any(p.gemm and not p.row["pool"] and p.row["src"] == kconv.BUF_X
+                                                 for problems in layout.stages for p in problems):
+        return kconv.TAP_CHANNELS
+    return in_channels
+
+
+def padded_input(x, channels, zero):
+    """x with its channels zero-padded to `channels`, channels_last (one launch; zero: a 0-d zero
+    of x's dtype and device)."""
+    n, c, h, w = x.shape
+    out = torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return torch.cat([x, zero.expand(n, channels - c, h, w)], 1, out=out)
+
+
+def kernel_weight(weight, tap_channels=None):
+    """A conv weight [cout, cin, kh, kw] as the kernel's [cout, kh * kw * cin] matrix, K ordered
+    (tap, input channel) (nn.Conv2d's weight in channels_last order: a view for 1x1 convs and
+    channels_last weights), its channels zero-padded to tap_channels if given (a copy)."""
+    w = weight.permute(0, 2, 3, 1)
+    if tap_channels:
+        w = F.pad(w, (0, tap_channels - w.shape[3]))
+    return w.reshape(w.shape[0], -1)
 
 
 def problem_spec(row, channels, walign):
@@ -99,6 +128,8 @@ def problem_spec(row, channels, walign):
         kind = kconv.KIND_POOL
     elif row["pool"]:
         kind = kconv.KIND_POOLED_GEMM
+    elif row.get("tap_channels"):
+        kind = kconv.KIND_GEMM_TAPS
     elif row["cin"] < FLAT_K_BELOW and row["kh"] * row["kw"] > 1:
         kind = kconv.KIND_GEMM_FLAT
     else:
@@ -140,7 +171,8 @@ class Stage:
     table: torch.Tensor  # int32 [P, len(kconv.TABLE_FIELDS)] on the device
     columns: tuple  # [first, last) of the block's columns
     ncols: tuple  # output columns per problem (host: the launch grid)
-    depth: tuple  # GEMM depth kh*kw*cin per problem (host: the autotune key)
+    depth: tuple  # GEMM depth kh*kw*cin per problem as packed (host: the autotune key)
+    tap_channels: tuple  # per problem: the channels its weights are padded to (padded input), or None
     splits: tuple  # per problem (ncols, split): the BatchNorm launches' grids
     bn_parts: tuple  # kbn.parts of the problems with BatchNorm (training)
     gemm_parts: tuple  # kbn.parts of the convolutions (training backward)
@@ -155,28 +187,37 @@ class Stage:
 def build_stages(layout, in_channels, device, packing):
     """The stages of `layout` for blocks of `in_channels` input channels, packed as `packing`
     says. Returns (stages, offsets): offsets per problem of the block, (w_off, w_ld)."""
-    channels = layout.buffer_channels(in_channels)
+    x_channels = input_channels(layout, in_channels)
+    channels = layout.buffer_channels(x_channels)
     offsets, w_off, col = [], 0, 0
-    rows = []
+    rows, depths = [], []
     for problems in layout.stages:
         rows.append([])
+        depths.append([])
         for p in problems:
-            w_ld = -(-p.k // packing.row_pad) * packing.row_pad if p.gemm else 0
+            row = dict(p.row)
+            k = p.k
+            if x_channels != in_channels and p.gemm and not row["pool"] and row["src"] == kconv.BUF_X:
+                row.update(cin=x_channels, tap_channels=x_channels)
+                k = row["kh"] * row["kw"] * x_channels
+            w_ld = -(-k // packing.row_pad) * packing.row_pad if p.gemm else 0
             offsets.append((w_off, w_ld))
-            rows[-1].append(dict(p.row, w_off=w_off, w_ld=w_ld, ss_off=col))
+            rows[-1].append(dict(row, w_off=w_off, w_ld=w_ld, ss_off=col))
+            depths[-1].append(k)
             w_off += p.ncols * w_ld
             col += p.ncols
     # What divides every weight offset and row pitch (8 in Inception blocks, and for inference).
     walign = power_of_two_dividing(*(v for pair in offsets for v in pair))
     stages, first, col = [], 0, 0
-    for problems, stage_rows in zip(layout.stages, rows):
+    for problems, stage_rows, depth in zip(layout.stages, rows, depths):
         spec = tuple(problem_spec(dict(r, bn=r["bn"] if packing.train else 0), channels, walign) for r in stage_rows)
         ncols = tuple(p.ncols for p in problems)
         stages.append(Stage(
             problems=tuple(problems), first_problem=first, spec=spec,
             table=torch.tensor([[int(r[f]) for f in kconv.TABLE_FIELDS] for r in stage_rows], dtype=torch.int32,
                                device=device),
-            columns=(col, col + sum(ncols)), ncols=ncols, depth=tuple(p.k for p in problems),
+            columns=(col, col + sum(ncols)), ncols=ncols, depth=tuple(depth),
+            tap_channels=tuple(r.get("tap_channels") for r in stage_rows),
             splits=tuple((p.ncols, p.row["split"]) for p in problems),
             bn_parts=kbn.parts(spec, lambda s, dst: kconv.spec_field(s, "bn")),
             gemm_parts=kbn.parts(spec, lambda s, dst: kconv.spec_field(s, "kind") != kconv.KIND_POOL),
@@ -199,6 +240,8 @@ class Plan:
     weight: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
+    pad_to: int = 0  # the channels the input is padded to before the launches (input_channels), or 0
+    zero: torch.Tensor = None  # 0-d zero (padded_input)
     _by_input: dict = field(default_factory=dict)
 
     @property
@@ -225,6 +268,8 @@ class Plan:
         out = torch.empty(out_alloc[0], **out_alloc[1])
         mid = out if mid_alloc is None else torch.empty(mid_alloc[0], **mid_alloc[1])
         weight, scale, shift = self.weight, self.scale, self.shift
+        if self.pad_to:
+            x = padded_input(x, self.pad_to, self.zero)
         for launch in launches:
             launch(weight, scale, shift, x, out, mid)
         return out
@@ -235,7 +280,11 @@ class Plan:
         if x.shape[0] == 0:
             launches = ()
         else:
-            launches = tuple(kconv.StageLaunch(s.spec, s.table, s.ncols, s.depth, x, out, mid) for s in self.stages)
+            xk = x  # (the padded input run() will pass: its shape and strides, nothing computed)
+            if self.pad_to:
+                xk = torch.empty((x.shape[0], self.pad_to, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                                 memory_format=torch.channels_last)
+            launches = tuple(kconv.StageLaunch(s.spec, s.table, s.ncols, s.depth, xk, out, mid) for s in self.stages)
 
         def alloc(t, fmt):  # torch.empty's arguments
             return (t.shape, dict(memory_format=fmt, dtype=x.dtype, device=x.device))
@@ -257,6 +306,8 @@ class Plan:
             x, memory_format)
         out = torch.empty(out_alloc[0], **out_alloc[1])
         mid = out if mid_alloc is None else torch.empty(mid_alloc[0], **mid_alloc[1])
+        if self.pad_to:
+            x = padded_input(x, self.pad_to, self.zero)
         return [lambda launch=launch: launch(self.weight, self.scale, self.shift, x, out, mid)
                 for launch in launches], out, mid
 
@@ -292,12 +343,12 @@ def build_plan(graph, device, dtype):
     stages, offsets = build_stages(layout, graph.in_channels, device, INFERENCE)
     weights, scales, shifts = [], [], []
     problems = [p for stage in stages for p in stage.problems]
-    for p, (_, w_ld) in zip(problems, offsets):
+    tap_channels = [c for stage in stages for c in stage.tap_channels]
+    for p, (_, w_ld), tc in zip(problems, offsets, tap_channels):
         if p.gemm:
             # [Cout, Cin, KH, KW] -> [Cout, KH, KW, Cin] -> [Cout, K], stacked along Cout, rows padded.
-            w = torch.cat([conv.weight.detach().permute(0, 2, 3, 1).reshape(cout, p.k)
-                           for conv, cout in zip(p.convs, p.couts)], 0)
-            weights.append(F.pad(w, (0, w_ld - p.k)).to(device=device, dtype=dtype).reshape(-1))
+            w = torch.cat([kernel_weight(conv.weight.detach(), tc) for conv in p.convs], 0)
+            weights.append(F.pad(w, (0, w_ld - w.shape[1])).to(device=device, dtype=dtype).reshape(-1))
         if p.kind is ProblemKind.BRANCH:
             pieces = [folded_scale_shift(ConvNode(conv, bn), cout, device)
                       for conv, bn, cout in zip(p.convs or (None,) * len(p.couts), p.bns, p.couts)]
@@ -306,7 +357,9 @@ def build_plan(graph, device, dtype):
             pieces = [up if p.kind is ProblemKind.HEAD else shortcut]
         scales += [s for s, _ in pieces]
         shifts += [b for _, b in pieces]
-    return Plan(layout=layout, stages=stages,
+    x_channels = input_channels(layout, graph.in_channels)
+    return Plan(layout=layout, stages=stages, pad_to=x_channels if x_channels != graph.in_channels else 0,
+                zero=torch.zeros((), dtype=dtype, device=device),
                 weight=torch.cat(weights) if weights else torch.zeros(1, dtype=dtype, device=device),
                 scale=torch.cat(scales).to(device=device, dtype=torch.float32),
                 shift=torch.cat(shifts).to(device=device, dtype=torch.float32))

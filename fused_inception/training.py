@@ -12,7 +12,8 @@ Forward, per stage of the block's layout (see `layout.build_layout`):
               and count saved per channel
 
 plus, per block and step, one `torch.cat` that packs the parameters (conv weights in their own
-layout, biases, BN weights) and zeroes the `sums`, and after the launches the running-statistics
+layout, biases, BN weights) and zeroes the `sums` (and one more that rounds the weights to the
+inputs' dtype under autocast), and after the launches the running-statistics
 update (`_foreach_lerp_` and `_foreach_add_` on the BN buffers, exactly nn.BatchNorm2d's rule).
 With SyncBatchNorm the stage's sums are all-reduced between the two launches.
 
@@ -34,7 +35,7 @@ from fused_inception.kernels import conv as kconv
 from fused_inception.norms import all_reduce as _all_reduce
 from fused_inception.norms import update_running_stats
 from fused_inception.layout import build_layout
-from fused_inception.plan import TRAINING, build_stages
+from fused_inception.plan import TRAINING, build_stages, input_channels, kernel_weight, padded_input
 
 
 @dataclass
@@ -76,6 +77,9 @@ class TrainPlan:
     center_pieces: list  # per member's columns: None (its BatchNorm's running mean) or constant zeros
     bn_columns: list  # (BatchNorm, first column, last column) per BatchNorm
     reads_out: bool  # some branch reads another branch's result in the block output
+    tap_channels: tuple  # per problem: the channels its weights are padded to (plan.Stage), or None
+    pad_to: int  # the channels the input is padded to for the kernels (plan.input_channels), or 0
+    zero: torch.Tensor  # 0-d zero of the inputs' dtype (plan.padded_input)
     _by_input: dict = field(default_factory=dict)  # (x's shape and strides, memory format) -> Launches
 
     def refs(self):
@@ -126,24 +130,37 @@ class TrainPlan:
                 for s in self.stages)
         return entry
 
-    def pack(self, params, centers=None):
-        """The packed vector (one torch.cat): the parameters (those filling slots, in slot order)
-        with constants in place of absent ones; for a forward (`centers`: the running means, one
-        per BatchNorm in bn_columns order) also the centres per column and zeroed statistics
-        accumulators. Returns (packed, sums [columns, 3] or None)."""
+    def pack(self, params, centers, weight_dtype):
+        """The stage kernels' operands from the parameters (those filling slots, in slot order)
+        with constants in place of absent ones, the BatchNorms' running means (`centers`, one per
+        BatchNorm in bn_columns order) and zeroed statistics accumulators, in one torch.cat, two
+        when the convolution weights are to be rounded: they are packed in `weight_dtype` (the
+        inputs' dtype: eager autocast rounds fp32 weights so too), so that the kernels' K loops
+        copy them to shared memory as they are, with no conversion in registers.
+        Returns (weights, biases, gammas, betas, centres, sums [columns, 3])."""
         it = iter(params)
-        pieces = [(_kernel_layout(next(it)) if slot.kind == "weight" else next(it).reshape(-1)) if is_param
+        pieces = [(kernel_weight(next(it), self.tap_channels[slot.problem]).reshape(-1) if slot.kind == "weight"
+                   else next(it).reshape(-1)) if is_param
                   else self.constants[i] for i, (slot, is_param) in enumerate(zip(self.slots, self.is_param))]
-        if centers is None:
-            return torch.cat(pieces), None
         it = iter(centers)
         pieces += [next(it) if zeros is None else zeros for zeros in self.center_pieces]
         acc = self.consts.dtype
+        b, g, be, c, end = self.sections
+        weights = None
+        if b and pieces[0].dtype != weight_dtype:
+            nw = sum(slot.kind == "weight" for slot in self.slots)
+            weights = torch.cat(pieces[:nw], out=torch.empty(b, dtype=weight_dtype, device=self.consts.device))
+            pieces, b, g, be, c, end = pieces[nw:], 0, g - b, be - b, c - b, end - b
         if all(p.dtype == acc for p in pieces):
             pieces.append(self.zero_sums)  # zeroes the statistics accumulators in the same launch
             packed = torch.cat(pieces)
-            return packed, packed[-3 * self.columns:].view(self.columns, 3)
-        return torch.cat(pieces), torch.zeros(self.columns, 3, dtype=acc, device=self.consts.device)
+            sums = packed[end:].view(self.columns, 3)
+        else:
+            packed = torch.cat(pieces)
+            sums = torch.zeros(self.columns, 3, dtype=acc, device=self.consts.device)
+        if weights is None:
+            weights = packed[:b]
+        return weights, packed[b:g], packed[g:be], packed[be:c], packed[c:end], sums
 
     def backward_operands(self, params):
         """What a backward needs of the parameters, with one torch.cat: per problem its weight in
@@ -171,12 +188,6 @@ class TrainPlan:
         gammas, betas = packed[offset:].view(2, self.columns)
         return weights, gammas, betas
 
-    def sections_of(self, packed):
-        """(weights, biases, gammas, betas, centres) views of a packed vector (centres only in a
-        forward's)."""
-        b, g, be, c, end = self.sections
-        return packed[:b], packed[b:g], packed[g:be], packed[be:c], packed[c:end]
-
     def param_grads(self, params, weight_grads, bias_grads, bn_sums):
         """The gradient of each parameter from the per-problem weight and bias gradients and the
         BN reduction sums ([2, columns]: sum g -> beta, sum g*zhat -> gamma)."""
@@ -193,12 +204,6 @@ class TrainPlan:
         return grads
 
 
-def _kernel_layout(weight):
-    """A conv weight [cout, cin, kh, kw] flattened as [cout, kh, kw, cin], the stage kernel's
-    K-major order (a view for 1x1 convs and channels_last weights, else a copy)."""
-    return weight.permute(0, 2, 3, 1).reshape(-1)
-
-
 def accumulator_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -208,11 +213,11 @@ def build_train_plan(graph, device, dtype, param_dtype):
     `param_dtype`: the stages of plan.build_stages with the TRAINING packing, and where each
     parameter goes in the vector packed per step."""
     layout = build_layout(graph)
-    stages, _ = build_stages(layout, graph.in_channels, device, TRAINING)
+    stages, offsets = build_stages(layout, graph.in_channels, device, TRAINING)
     acc = accumulator_dtype(dtype)
     problems = [p for stage in stages for p in stage.problems]
     weight_slots, bias_slots, member_columns, bn_columns, scale, eps = [], [], [], [], [], []
-    w_total = col = 0
+    col = 0
     for index, p in enumerate(problems):
         lo = 0
         for j, (cout, bn) in enumerate(zip(p.couts, p.bns)):
@@ -225,8 +230,8 @@ def build_train_plan(graph, device, dtype, param_dtype):
             scale.append(torch.full((cout,), p.scale, dtype=torch.float64))
             eps.append(torch.full((cout,), bn.eps if bn is not None else 1.0, dtype=torch.float64))
             lo += cout
-        w_total += p.ncols * p.k if p.gemm else 0
         col += p.ncols
+    w_total = sum(p.ncols * w_ld for p, (_, w_ld) in zip(problems, offsets))
     # Packing order: weights (problem by problem), then biases, BN weights, BN biases per column.
     slots = weight_slots + bias_slots + [Slot(kind, index, j, lo, hi)
                                          for kind in ("gamma", "beta") for index, j, lo, hi in member_columns]
@@ -241,6 +246,9 @@ def build_train_plan(graph, device, dtype, param_dtype):
                        for index, j, lo, hi in member_columns],
         bn_columns=bn_columns,
         reads_out=any(p.row["src"] == kconv.BUF_OUT for p in problems),
+        tap_channels=tuple(c for s in stages for c in s.tap_channels),
+        pad_to=(lambda c: 0 if c == graph.in_channels else c)(input_channels(layout, graph.in_channels)),
+        zero=torch.zeros((), dtype=dtype, device=device),
     )
     plan.is_param = tuple(ref is not None and getattr(*ref) is not None for ref in plan.refs())
     for i, (slot, is_param) in enumerate(zip(slots, plan.is_param)):
@@ -263,8 +271,7 @@ def forward(plan, x, params, centers, group, memory_format):
     `raw_mid` is `raw_out` when the block has no intermediate results; `launches` the plan's
     Launches for x (the backward's too). `centers`: the BatchNorms' running means (read, not
     updated)."""
-    packed, sums = plan.pack(params, centers)
-    weights, biases, gammas, betas, centers = plan.sections_of(packed)
+    weights, biases, gammas, betas, centers, sums = plan.pack(params, centers, x.dtype)
     out, mid = plan.layout.buffers(x, x.dtype, memory_format)
     raw_out = torch.empty_like(out)
     raw_mid = torch.empty_like(mid) if mid is not out else raw_out
@@ -275,12 +282,13 @@ def forward(plan, x, params, centers, group, memory_format):
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                                  f"{list(x.shape)} (a BatchNorm of this block sees {values} value per channel)")
     saved = torch.empty(4, plan.columns, dtype=plan.consts.dtype, device=x.device)
-    launches = plan.launches(x, out, mid, memory_format)
+    xk = padded_input(x, plan.pad_to, plan.zero) if plan.pad_to else x  # (a stem's input: see plan.input_channels)
+    launches = plan.launches(xk, out, mid, memory_format)
     if x.shape[0] == 0:
         return out, raw_out, raw_mid, saved, launches
     scale, eps = plan.consts
     for stage, conv, apply in zip(plan.stages, launches.conv, launches.apply):
-        conv(weights, scale, biases, x, out, mid, raw_out, raw_mid, sums, centers)
+        conv(weights, scale, biases, xk, out, mid, raw_out, raw_mid, sums, centers)
         if stage.bn_parts:
             if group is not None:
                 lo, hi = stage.columns

@@ -2,8 +2,9 @@
 
 From the launches a forward records (codegen.record_launches) and the kernel's tiling rules
 (kernels/conv.py: a problem's K loop runs over taps x channel chunks of BLOCK_K, half of it for
-fp32; a few-channel convolution flattens K in quarter chunks; a pooled 1x1 loads quarter chunks
-too), per launch and autotune config:
+fp32; a padded stem's over chunks of BLOCK_K // TAP_CHANNELS taps; a few-channel convolution
+flattens K in quarter chunks; a 1x1 of a strided pool loads quarter chunks too), per launch and
+autotune config:
 
 - programs at a batch: the launch's grid (sum over problems of ceil(M / BLOCK_M) x
   ceil(ncols / BLOCK_N), M = batch x output pixels): with 132 SMs, fewer than 66 leaves most of
@@ -26,14 +27,19 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def problems_of(args, consts):
-    """Per problem of a recorded stage launch: (kind, kh, kw, cin, ncols, output pixels per image)."""
+def problems_of(args, consts, in_channels=None):
+    """Per problem of a recorded stage launch: (kind, kh, kw, cin, ncols, output pixels per image).
+    in_channels: the model input's channels, the useful ones of a padded stem (KIND_GEMM_TAPS
+    reads kconv.TAP_CHANNELS); None: as the table says."""
     table, tail = args[0], args[11:]
     o_hw, m_hw = tail[7] * tail[8], tail[13] * tail[14]  # (tail: batch, x's 6, out's 6, mid's 6, ...)
     out = []
     for spec, row in zip(consts["SPEC"], table.tolist()):
         f = dict(zip(kconv.SPEC_FIELDS, spec))
-        out.append((f["kind"], f["kh"], f["kw"], row[_FIELD["cin"]], row[_FIELD["ncols"]],
+        cin = row[_FIELD["cin"]]
+        if f["kind"] == kconv.KIND_GEMM_TAPS and in_channels is not None:
+            cin = min(cin, in_channels)
+        out.append((f["kind"], f["kh"], f["kw"], cin, row[_FIELD["ncols"]],
                     o_hw if f["dst0"] == kconv.BUF_OUT else m_hw))
     return out
 
@@ -52,10 +58,12 @@ def tile_work(problems, config, batch, fp32=False):
             continue
         if kind == kconv.KIND_GEMM:
             k, iters, chunk = kh * kw * cin, kh * kw * _cdiv(cin, bk), bk
+        elif kind == kconv.KIND_GEMM_TAPS:  # chunks of BLOCK_K // TAP_CHANNELS taps
+            k, iters, chunk = kh * kw * cin, _cdiv(kh * kw * kconv.TAP_CHANNELS, bk), bk
         elif kind == kconv.KIND_GEMM_FLAT:
             k, chunk = kh * kw * cin, bk // 4
             iters = _cdiv(k, chunk)
-        else:  # a pooled 1x1: quarter chunks of the channels
+        else:  # a 1x1 of a strided pool: quarter chunks of the channels
             k, chunk = cin, bk // 4
             iters = _cdiv(cin, chunk)
         longest = max(longest, iters)
@@ -65,13 +73,14 @@ def tile_work(problems, config, batch, fp32=False):
 
 
 def describe(problems):
-    names = {kconv.KIND_GEMM: "", kconv.KIND_GEMM_FLAT: " flat", kconv.KIND_POOLED_GEMM: " pooled"}
+    names = {kconv.KIND_GEMM: "", kconv.KIND_GEMM_FLAT: " flat", kconv.KIND_POOLED_GEMM: " pooled",
+             kconv.KIND_GEMM_TAPS: " padded"}
     return ", ".join(f"pool {cin}" if kind == kconv.KIND_POOL else f"{kh}x{kw}{names.get(kind, f' kind {kind}')} "
                      f"{cin}->{ncols}"
                      for kind, kh, kw, cin, ncols, _ in problems)
 
 
-def work_table(launches, batches=(1, 32, 256)):
+def work_table(launches, batches=(1, 32, 256), in_channels=None):
     """Markdown rows, one per stage launch and config it may run under (recorded at batch 1;
     the counts scale with the batch)."""
     rows = ["| launch | problems | config | programs at batch " + "/".join(map(str, batches)) +
@@ -80,7 +89,7 @@ def work_table(launches, batches=(1, 32, 256)):
     for i, (kernel, args, consts, configs) in enumerate(launches):
         if "SPEC" not in consts or "LAYOUT" not in consts:  # (the BatchNorm launches: elementwise)
             continue
-        problems = problems_of(args, consts)
+        problems = problems_of(args, consts, in_channels)
         fp32 = args[4].element_size() > 2
         for config in configs:
             per_batch = [tile_work(problems, config, b, fp32) for b in batches]

@@ -94,7 +94,7 @@ def _tile(local, P: tl.constexpr, DST: tl.constexpr, SECOND: tl.constexpr, WHOLE
           MID_CL: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program `local` of a part: (pixel mask, column mask, statistics column, [pixels, columns]
     element offsets into DST (and its shadows), pid_m). Strides as kconv.kernel_geometry gives
-    them (channels_last pitches in units of 8)."""
+    them (channels_last pitches in units of 8; OUT_CL, MID_CL: 8 or 0)."""
     row = table_ptr + P * ROW
     first, cols, c0 = _part_columns(row, SECOND, WHOLE, ALIGN)
     # (the buffer's strides as the stage kernel reads them; there is no x here: out stands in)
@@ -287,7 +287,8 @@ class _PartsLaunch(kconv.CachedLaunch):
     __slots__ = ("table", "programs")
 
     def _setup(self, table, columns, parts_, cols, out, mid, extra_tail=(), checked=(), **consts):
-        out_cl, mid_cl = kconv._channels_last(out), kconv._channels_last(mid)
+        # (pitch units as the stage kernel's LAYOUT has them: 8 for channels_last, else 0; see kconv._view)
+        out_cl, mid_cl = 8 * kconv._channels_last(out), 8 * kconv._channels_last(mid)
         self.table = table
         self.programs = _programs(parts_, columns, out, mid)
         consts = dict(PARTS=parts_, OUT_CL=out_cl, MID_CL=mid_cl, INT64=max(out.numel(), mid.numel()) >= 2**31,
@@ -349,7 +350,7 @@ class BackwardLaunch(_PartsLaunch):
     meta_names = ("PARTS", "OUT_CL", "MID_CL", "G_CL", "INT64", "BLOCK_M", "BLOCK_N", "ACC", "REDUCE")
 
     def __init__(self, table, columns, parts_, cols, raw_out, raw_mid, grad_out, reduce):
-        g_cl = kconv._channels_last(grad_out)
+        g_cl = 8 * kconv._channels_last(grad_out)
         self._setup(table, columns, parts_, cols, raw_out, raw_mid,
                     extra_tail=kconv.kernel_geometry(grad_out, g_cl)[2:], checked=(7,), G_CL=g_cl, REDUCE=reduce)
 

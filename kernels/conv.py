@@ -89,6 +89,14 @@ KIND_GEMM = 0  # a convolution
 KIND_POOLED_GEMM = 1  # a 1x1 convolution of the pooled input
 KIND_POOL = 2  # the pooled input channels are the result (ncols == cin)
 KIND_GEMM_FLAT = 3  # a convolution of few input channels (a stem's 3): K flattened over (tap, channel)
+KIND_GEMM_TAPS = 4  # a convolution of an input padded to TAP_CHANNELS channels: a K chunk spans several taps
+
+# The channels a few-channel block input (a stem's 3) is padded to (fused_inception.plan does it,
+# one copy per forward, as cuDNN pads first layers): a tap's channels are then one 8-byte (16-bit
+# dtypes) or 16-byte (fp32) vector that an async copy can fetch, and KIND_GEMM_TAPS's K loop is an
+# ordinary pipelined one. 4, not 8: a quarter of the MACs are padding instead of five eighths.
+TAP_CHANNELS = 4
+_TAP_C = tl.constexpr(TAP_CHANNELS)  # (what a kernel may read of it)
 
 # Residual added in the epilogue (Inception-ResNet's head).
 RES_NONE = 0
@@ -155,11 +163,11 @@ def spec_field(spec, name):
 @triton.jit
 def _view(SEL: tl.constexpr, bufs, LAYOUT: tl.constexpr):
     """(pointer, H, W, stride N, stride H, stride W, stride C) of buffer SEL (BUF_X, BUF_OUT,
-    BUF_MID) of `bufs`, the three buffers as such tuples. LAYOUT: (X_CL, OUT_CL, MID_CL, INT64).
-    A channels_last buffer (*_CL: channel stride 1, row pitches multiples of 8) has its pitches
-    passed in units of 8 and its channel stride is the constant 1, so the compiler sees
-    contiguous, 16-byte aligned channels. int64 strides when INT64 (some buffer has 2**31
-    elements or more)."""
+    BUF_MID) of `bufs`, the three buffers as such tuples. LAYOUT: (X_UNIT, OUT_UNIT, MID_UNIT,
+    INT64). A channels_last buffer (channel stride 1, row pitches multiples of its UNIT, 8 or 4;
+    0: any strides) has its pitches passed in units of UNIT and its channel stride is the
+    constant 1, so the compiler sees contiguous channels, 16-byte (UNIT 8) or 8-byte (UNIT 4,
+    16-bit dtypes) aligned. int64 strides when INT64 (some buffer has 2**31 elements or more)."""
     ptr, h, w, s_n, s_h, s_w, s_c = bufs[SEL]
     if LAYOUT[3]:
         s_n = s_n.to(tl.int64)
@@ -167,7 +175,8 @@ def _view(SEL: tl.constexpr, bufs, LAYOUT: tl.constexpr):
         s_w = s_w.to(tl.int64)
         s_c = s_c.to(tl.int64)
     if LAYOUT[SEL]:
-        return ptr, h, w, s_n * 8, s_h * 8, s_w * 8, 1
+        UNIT: tl.constexpr = LAYOUT[SEL]
+        return ptr, h, w, s_n * UNIT, s_h * UNIT, s_w * UNIT, 1
     else:
         return ptr, h, w, s_n, s_h, s_w, s_c
 
@@ -392,6 +401,29 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
                             other=0.0)
                 b = tl.load(w_ptr + k[:, None] + w_row[None, :], mask=k_ok[:, None], other=0.0)
                 acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION, ACC)
+        elif KIND == 4:
+            # The input padded to TAP_CHANNELS channels (the plan's copy; the weights' too): a tap's
+            # channels are one vector, a K chunk spans BK // TAP_CHANNELS taps, and the loop is
+            # an ordinary pipelined one (loads in its body). Taps past KH * KW: masked.
+            TC: tl.constexpr = _TAP_C
+            k_total: tl.constexpr = KH * KW * TC
+            y0 = oy * SH - PH
+            x0 = ox * SW - PW
+            base = img_off + y0 * s_h + x0 * s_w  # the window's corner, per row
+            chan = (src_c + offs_k % TC) * s_c
+            ih_u = ih.to(tl.uint32)
+            iw_u = iw.to(tl.uint32)
+            for k0 in range(0, k_total, BK):
+                k = k0 + offs_k
+                tap = k // TC
+                r = tap // KW
+                s = tap - r * KW
+                # inside the image: 0 <= y < ih as one unsigned comparison
+                ok = (((y0[:, None] + r[None, :]).to(tl.uint32) < ih_u) & ((x0[:, None] + s[None, :]).to(tl.uint32) < iw_u)
+                      & m_ok[:, None] & (k < k_total)[None, :])
+                a = tl.load(src + base[:, None] + (r * s_h + s * s_w + chan)[None, :], mask=ok, other=0.0)
+                b = tl.load(w_ptr + k[:, None] + w_row[None, :], mask=(k < k_total)[:, None], other=0.0)
+                acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION, ACC)
         else:
             # One flat loop over (tap, channel chunk), loads in its body: what Triton pipelines.
             for kk in range(KH * KW * chunks):
@@ -508,8 +540,8 @@ def _stage_kernel(
     tune_m, tune_n, tune_k,
     # meta-parameters
     SPEC: tl.constexpr,  # tuple of problem specs (see SPEC_FIELDS)
-    LAYOUT: tl.constexpr,  # (X_CL, OUT_CL, MID_CL: channels_last, pitches multiples of 8; INT64: some
-    # buffer has 2**31 elements or more)
+    LAYOUT: tl.constexpr,  # (X_UNIT, OUT_UNIT, MID_UNIT: channels_last with pitches multiples of 8
+    # or 4, else 0; INT64: some buffer has 2**31 elements or more)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter with bf16)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
@@ -546,6 +578,8 @@ def configs_for(spec, dtype=None, training=False):
     whose weights stay fp32 under autocast) is tuned over: all of CONFIGS, but
     - the smallest tile for a stage with a few-channel convolution (KIND_GEMM_FLAT: its gathered
       A tile needs the registers that larger tiles give to the accumulator);
+    - 64-wide N tiles for a stage with a padded-input convolution (KIND_GEMM_TAPS: a stem, whose
+      32 or 64 output channels would leave a 128-wide tile half padding);
     - in fp32 or training, not 128x64 on 4 warps for a stage with a pool (pooled 1x1 or pool
       alone): its pooled tiles beside the accumulator spill (4-184 bytes in Inception v3's,
       compiled for sm_90: fused_inception.codegen);
@@ -555,6 +589,8 @@ def configs_for(spec, dtype=None, training=False):
     configs = CONFIGS
     if KIND_GEMM_FLAT in kinds:
         return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    if KIND_GEMM_TAPS in kinds:  # (a stem: 32 or 64 output channels, a 128-wide tile half padding)
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
     if (dtype == torch.float32 or training) and kinds & {KIND_POOLED_GEMM, KIND_POOL}:
         configs = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 64
                                               and c.num_warps == 4)]
@@ -692,23 +728,30 @@ def fp32_precision():
     return "ieee"
 
 
-def kernel_geometry(t, channels_last):
+def kernel_geometry(t, channels_last, unit=8):
     """(H, W, stride N, stride H, stride W, stride C) as the kernels take them: a channels_last
-    buffer's row pitches in units of 8 (see _view in the kernel)."""
+    buffer's row pitches in units of `unit` (see _view in the kernel)."""
     s_n, s_c, s_h, s_w = t.stride()
     if channels_last:
-        return (t.shape[2], t.shape[3], s_n // 8, s_h // 8, s_w // 8, 1)
+        return (t.shape[2], t.shape[3], s_n // unit, s_h // unit, s_w // unit, 1)
     return (t.shape[2], t.shape[3], s_n, s_h, s_w, s_c)
 
 
-def _channels_last(t):
-    """True if t's channels are contiguous and its row pitches multiples of 8: what the kernels'
-    alignment hints for a channels_last buffer assume (else they read it through its strides).
-    The stride of a dimension of size 1 is never used: a [N, C, 1, 1] map is channels_last in
-    either memory format."""
+def _channels_last(t, unit=8):
+    """True if t's channels are contiguous and its row pitches multiples of `unit`: what the
+    kernels' alignment hints for a channels_last buffer assume (else they read it through its
+    strides). The stride of a dimension of size 1 is never used: a [N, C, 1, 1] map is
+    channels_last in either memory format."""
     n, c, h, w = t.shape
     s_n, s_c, s_h, s_w = t.stride()
-    return (s_c == 1 or c == 1) and s_n % 8 == 0 and (s_h % 8 == 0 or h == 1) and (s_w % 8 == 0 or w == 1)
+    return ((s_c == 1 or c == 1) and s_n % unit == 0 and (s_h % unit == 0 or h == 1)
+            and (s_w % unit == 0 or w == 1))
+
+
+def _pitch_unit(t):
+    """The stage kernel's LAYOUT entry for t: 8 or 4 if channels_last with row pitches multiples
+    of that (4: an input padded to TAP_CHANNELS), else 0."""
+    return next((unit for unit in (8, 4) if _channels_last(t, unit)), 0)
 
 
 def conv_stage(spec, table, ncols, depth, weight, scale, shift, x, out, mid, raw_out=None, raw_mid=None, stats=None,
@@ -869,12 +912,12 @@ class StageLaunch(CachedLaunch):
         o_hw = out.shape[2] * out.shape[3]
         m_hw = mid.shape[2] * mid.shape[3]
         dtype = x.dtype
-        x_cl, out_cl, mid_cl = _channels_last(x), _channels_last(out), _channels_last(mid)
+        units = x_unit, out_unit, mid_unit = _pitch_unit(x), _pitch_unit(out), _pitch_unit(mid)
         self.spec, self.table, self.ncols, self.training = spec, table, tuple(ncols), training
-        tail = (batch, *kernel_geometry(x, x_cl), *kernel_geometry(out, out_cl), *kernel_geometry(mid, mid_cl),
+        tail = (batch, *(g for t, unit in zip((x, out, mid), units) for g in kernel_geometry(t, unit > 0, unit or 8)),
                 _bucket(batch * max(x.shape[2] * x.shape[3], o_hw, m_hw)), _bucket(sum(ncols)), _bucket(max(depth)))
         consts = dict(
-            SPEC=spec, LAYOUT=(x_cl, out_cl, mid_cl, max(x.numel(), out.numel(), mid.numel()) >= 2**31),
+            SPEC=spec, LAYOUT=(x_unit, out_unit, mid_unit, max(x.numel(), out.numel(), mid.numel()) >= 2**31),
             DOT_IN_FP32=INTERPRETING and dtype == torch.bfloat16,  # triton#11584: bf16 dot is wrong there
             INPUT_PRECISION=fp32_precision() if dtype == torch.float32 else "ieee",
             ACC=accumulator(dtype), TRAIN=training)
