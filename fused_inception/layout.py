@@ -4,7 +4,9 @@
 stage that read the same source with the same geometry into one GEMM (`Problem`: weights
 concatenated along output channels), and assigns every node a channel slice: of the block
 output if it is an output node, of the `mid` buffer otherwise (a residual head reads the
-concatenation from `mid`). Plain data without tensors: plan.build_stages turns it into the
+concatenation from `mid`). A pool branch's pool (3x3/s1/p1 before a 1x1) is a problem of its
+own in the stage before its 1x1, into `mid`: GoogLeNet's blocks keep their two launches, and
+the 1x1 is a plain GEMM. Plain data without tensors: plan.build_stages turns it into the
 kernels' stages for inference or training.
 """
 
@@ -117,11 +119,30 @@ class Layout:
 
 def _merge_key(i, node):
     """Nodes of one stage with equal keys become one GEMM."""
-    if node.conv is None:
-        return ("pool only", i)
+    if node.conv is None or _pool_first(node):  # (a pool alone; a 1x1 of its own pool's slice of `mid`)
+        return ("alone", i)
     c = node.conv
     return (node.src, node.pool, tuple(c.kernel_size), tuple(c.stride), tuple(c.padding), node.act,
             node.bn is not None)
+
+
+def _pool_first(node):
+    """True for a 1x1 of a pooled input whose pool keeps the spatial size (GoogLeNet's and the
+    Inception networks' pool branches: 3x3/s1/p1): the pool runs alone in the stage before, into
+    `mid`, and the 1x1 is a plain GEMM of it, a pipelined K loop. Other pooled 1x1s (a strided
+    pool: its result would not have `mid`'s size) pool as they load (kconv.KIND_POOLED_GEMM)."""
+    pool = node.pool
+    return (node.conv is not None and pool is not None and pool.stride == (1, 1)
+            and all(k == 2 * p + 1 for k, p in zip(pool.kernel, pool.padding)))
+
+
+def stages_of(nodes):
+    """Stage (1-based) of each node: one more than its source's (1 for the block input's
+    readers), and one more for a 1x1 whose pool runs in the stage before (_pool_first)."""
+    stages = []
+    for node in nodes:
+        stages.append((1 if node.src is None else stages[node.src] + 1) + _pool_first(node))
+    return stages
 
 
 def _problems_of_group(group, out_c, couts):
@@ -139,6 +160,12 @@ def _problems_of_group(group, out_c, couts):
     if not runs:
         return [([], to_mid)]
     return [(runs[0], to_mid)] + [(run, []) for run in runs[1:]]
+
+
+def _pool_fields(pool):
+    """The row fields of a graph.PoolSpec."""
+    return dict(pool=pool.code(), pkh=pool.kernel[0], pkw=pool.kernel[1], psh=pool.stride[0], psw=pool.stride[1],
+                pph=pool.padding[0], ppw=pool.padding[1])
 
 
 def _act_fields(act):
@@ -164,8 +191,9 @@ def build_layout(graph):
         out_c[i] = c
         c += couts[i]
     cat_channels = c
-    depths = graph.depths()
+    depths = stages_of(nodes)
     mid_c, mid_channels = {}, (0 if graph.head is None else cat_channels)
+    pool_c = {}  # pool of the input -> its slice of `mid`, for the 1x1 convolutions that read it
     stages = []
     for depth in range(1, max(depths) + 1):
         groups = {}
@@ -180,7 +208,10 @@ def build_layout(graph):
                     mid_channels += couts[i]
                 members = tuple(to_out + to_mid)
                 first = nodes[members[0]]
-                if first.src is None:
+                pooled = _pool_first(first)
+                if pooled:
+                    src_buf, src_c, cin = kconv.BUF_MID, pool_c[first.pool], graph.in_channels
+                elif first.src is None:
                     src_buf, src_c, cin = kconv.BUF_X, 0, graph.in_channels
                 else:
                     src = first.src
@@ -193,10 +224,9 @@ def build_layout(graph):
                 row = dict(src=src_buf, src_c=src_c, cin=cin, gemm=int(first.conv is not None), ncols=ncols,
                            split=split, dst0=dst0[0], dst0_c=dst0[1], dst1=dst1[0], dst1_c=dst1[1],
                            bn=int(first.bn is not None), **_act_fields(first.act))
-                pool = first.pool
+                pool = None if pooled else first.pool
                 if pool is not None:
-                    row.update(pool=pool.code(), pkh=pool.kernel[0], pkw=pool.kernel[1], psh=pool.stride[0],
-                               psw=pool.stride[1], pph=pool.padding[0], ppw=pool.padding[1])
+                    row.update(_pool_fields(pool))
                 k = pool.kernel[0] * pool.kernel[1] if pool is not None else 1
                 if first.conv is not None:
                     conv = first.conv
@@ -206,6 +236,16 @@ def build_layout(graph):
                 convs = tuple(nodes[i].conv for i in members) if first.conv is not None else ()
                 problems.append(Problem(ProblemKind.BRANCH, members, convs, tuple(nodes[i].bn for i in members),
                                         tuple(couts[i] for i in members), dict(ROW_DEFAULTS, **row), k, pool=pool))
+        for i, node in enumerate(nodes):
+            if depths[i] == depth + 1 and _pool_first(node) and node.pool not in pool_c:
+                # the pool of a pooled 1x1, alone into `mid` (the 1x1 reads it in the next stage)
+                pool, cin = node.pool, graph.in_channels
+                pool_c[pool] = mid_channels
+                row = dict(src=kconv.BUF_X, cin=cin, gemm=0, ncols=cin, split=cin, dst0=kconv.BUF_MID,
+                           dst0_c=mid_channels, dst1=kconv.BUF_MID, dst1_c=mid_channels, **_pool_fields(pool))
+                problems.append(Problem(ProblemKind.BRANCH, (), (), (None,), (cin,), dict(ROW_DEFAULTS, **row),
+                                        pool.kernel[0] * pool.kernel[1], pool=pool))
+                mid_channels += cin
         stages.append(problems)
     head = None
     if graph.head is not None:
@@ -230,6 +270,8 @@ def build_layout(graph):
         # A buffer scale is read here, when the layout is built, not per forward.
         stages.append([Problem(ProblemKind.HEAD, (), (conv,), (graph.head.bn,), (cout,), dict(ROW_DEFAULTS, **row),
                                kh * kw * cat_channels, float(graph.head.current_scale()))])
+    # (the pools in `mid` have the size of the 1x1s that read them: the size checks count those)
+    pooled_nodes = [i for i, node in enumerate(nodes) if _pool_first(node)]
     return Layout(stages=stages, out_channels=cat_channels if head is None else graph.head.out_channels,
                   mid_channels=mid_channels, geometry=geometry_of(graph), outputs=list(graph.outputs),
-                  mid_nodes=sorted(mid_c) + (list(graph.outputs) if head else []), head=head)
+                  mid_nodes=sorted(set(mid_c) | set(pooled_nodes)) + (list(graph.outputs) if head else []), head=head)

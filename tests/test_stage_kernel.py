@@ -92,16 +92,26 @@ def test_relu_is_exactly_zero_near_zero(device):
     nn.AvgPool2d((5, 3), stride=1, padding=(2, 1), count_include_pad=True),
     nn.AvgPool2d((5, 3), stride=1, padding=(2, 1), ceil_mode=True, count_include_pad=False),
     nn.MaxPool2d((1, 3), stride=1, padding=(0, 1)),
+    # Strided pools (beside a strided 3x3): pooled as the 1x1 loads its tile (KIND_POOLED_GEMM)
+    nn.MaxPool2d(3, stride=2, padding=1),
+    nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
 ], ids=["max", "avg_include_pad", "avg_exclude_pad", "max3x5", "avg5x3_include_pad", "avg5x3_exclude_pad_ceil",
-        "max1x3"])
+        "max1x3", "max_s2", "avg_exclude_pad_s2"])
 def test_pre_pool(pool, device):
-    """A pool fused into the load of a 1x1 conv, next to a 3x3 conv of the same input (one launch)."""
-    graph = BlockGraph([conv_node(23, 33, (1, 1), 1, (0, 0), pool=pool), conv_node(23, 10, (3, 3), 1, (1, 1))],
-                       [0, 1], in_channels=23)
+    """A pool branch (pool, then a 1x1 conv) next to a 3x3 conv of the same input. A pool that
+    keeps the map's size runs alone in a first launch, into `mid`, and its 1x1 is a plain GEMM of
+    the second (layout._pool_first); a strided one is fused into the 1x1's load (one launch)."""
+    stride = pool.stride if isinstance(pool.stride, int) else pool.stride[0]
+    graph = BlockGraph([conv_node(23, 33, (1, 1), 1, (0, 0), pool=pool),
+                        conv_node(23, 10, (3, 3), stride, (1, 1))], [0, 1], in_channels=23)
     randomize_(modules_of(graph), seed=5).to(device)
     x = torch.randn(2, 23, 7, 5, device=device)
-    y, launches, _ = run_fused(graph, x)
-    assert launches == 1
+    y, launches, plan = run_fused(graph, x)
+    kinds = {kconv.spec_field(s, "kind") for stage in plan.stages for s in stage.spec}
+    if stride == 1:
+        assert launches == 2 and kinds == {kconv.KIND_POOL, kconv.KIND_GEMM}
+    else:
+        assert launches == 1 and kinds == {kconv.KIND_POOLED_GEMM, kconv.KIND_GEMM}
     assert_matches_reference(y, graph, x, TOL[torch.float32], str(pool))
 
 
@@ -123,7 +133,7 @@ def test_slices_at_nonzero_offsets_and_merged_gemm(device):
     y, launches, plan = run_fused(graph, x)
     assert launches == 2
     assert plan.stages[0].nodes[0] == (0, 1, 2)  # one GEMM for the three 1x1s on the input
-    assert plan.mid_channels == 28
+    assert plan.mid_channels == 28 + 29  # (node 5's pool of the 29 input channels too: layout._pool_first)
     assert_matches_reference(y, graph, x, TOL[torch.float32])
 
 

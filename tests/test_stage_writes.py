@@ -80,10 +80,14 @@ CASES = [(layout, channels, size, batch, memory_format)
                                       [(2, torch.channels_last)])]
 
 
-def slices(problem, results, block_output):
+def slices(problem, results, block_output, x):
     """(buffer, first channel, float64 expected contents) of each member of a problem, in column
-    order: columns < split go to dst0 from dst0_c, the others to dst1 from dst1_c."""
+    order: columns < split go to dst0 from dst0_c, the others to dst1 from dst1_c. A pool branch's
+    pool alone (no member: layout._pool_first) writes the pooled input."""
     row, col = problem.row, 0
+    if problem.kind is ProblemKind.BRANCH and not problem.members:
+        yield row["dst0"], row["dst0_c"], problem.pool.apply(x.double())
+        return
     members = problem.members if problem.kind is ProblemKind.BRANCH else (None,)
     for member, cout in zip(members, problem.couts):
         expected = block_output if problem.kind is ProblemKind.HEAD else results[member]
@@ -118,7 +122,7 @@ def test_each_stage_writes_exactly_its_slices(layout, channels, size, batch, mem
             launch(plan.weight, plan.scale, plan.shift, x, out, mid)
         written = {buf: set() for buf in buffers}
         for problem in problems:
-            for buf, c0, expected in slices(problem, results, block_output):
+            for buf, c0, expected in slices(problem, results, block_output, x):
                 channels_of = range(c0, c0 + expected.shape[1])
                 what = f"stage {i}, nodes {problem.members}, {'out' if buf == BUF_OUT else 'mid'}[{c0}:]"
                 assert before[buf][:, channels_of].isnan().all(), f"{what}: written before its stage"
