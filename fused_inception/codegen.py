@@ -438,13 +438,15 @@ SASS_HEAD = ["kernel", "regs", "programs/SM", "K loop", "instrs/wgmma (ref)", "l
 
 
 def _reference(compiled):
-    """The reference instructions per wgmma (fused_inception.sass) of a 16-bit stage kernel's
-    tile; None for other kernels."""
+    """The reference instructions per wgmma of a stage kernel's tile and dtype: a plain
+    implicit-GEMM conv compiled with them (fused_inception.reference); None for other kernels."""
+    from fused_inception import reference
+
     meta = compiled.fused_inception_meta
     config = meta.get("config")
-    if meta["dtype"] not in ("bf16", "fp16") or config is None or "BLOCK_M" not in config.kwargs:
+    if meta["dtype"] not in ("bf16", "fp16", "fp32") or config is None or "BLOCK_M" not in config.kwargs:
         return None
-    return sass.reference_per_mma(kconv.config_name(config))
+    return reference.per_mma(config, meta["dtype"])
 
 
 def _sass_kernel_rows(label, compiled, code):

@@ -29,8 +29,10 @@ program; codegen.MAX_SHARED, 227 KB, is what one program may ask for); the small
 One program per SM leaves nothing to hide a loop's stalls behind.
 
 `loop_defects(loops, reference)` says which loops miss the marks of a fast K loop: no LDG, no
-full wait, and per_mma at most 1.3x the reference for the tile (REFERENCE_PER_MMA: a plain
-implicit-GEMM 3x3 convolution, bf16, compiled by Triton 3.8 with the same tile and warps).
+full wait, and per_mma at most 1.3x the reference for the tile: a plain implicit-GEMM 3x3
+convolution compiled by the same Triton with the same tile, warps and dtype
+(fused_inception.reference.per_mma, what codegen uses; REFERENCE_PER_MMA holds the bf16 values
+measured with the shared SASS tool, which that kernel reproduces within 5%).
 
 Example:
     >>> from fused_inception import sass

@@ -3,7 +3,9 @@
 fused_inception.codegen records the launches of a fused model's forward (and backward), compiles
 every kernel variant under every autotune config with Triton's own compiler and ptxas, and
 checks the marks (codegen.MARKS): wgmma, pipelined K loops, 16-byte async copies, no spills,
-shared memory that fits. The interpreter accepts code the compiler rejects or makes slow, so
+shared memory that fits; and, read from the machine code (fused_inception.sass), that every K
+loop around a wgmma is lean: no synchronous load, no full wgmma wait, at most 1.3x a plain
+implicit-GEMM conv's instructions per wgmma. The interpreter accepts code the compiler rejects or makes slow, so
 this is the test that the kernels are fit for a GPU. It runs in a subprocess: this test session
 has TRITON_INTERPRET=1, and the compiler needs it unset.
 """
@@ -42,6 +44,19 @@ for label, m in misses:
     print("MISS", label, m)
 assert not misses
 assert len(distinct) <= max_kernels, sorted(distinct)
+# Issue 20 item 1, read from the SASS: every K loop around a wgmma has no synchronous global load,
+# no wait for all wgmma per iteration, and at most 1.3x the instructions per 64x128x16 wgmma of a
+# plain implicit-GEMM conv with the same tile and dtype (fused_inception.reference).
+from fused_inception import sass
+with ThreadPoolExecutor(workers) as pool:
+    codes = list(pool.map(sass.kernel_code, [c for _, c in kernels]))
+defects = [(label, sass.loop_defects(code.loops, codegen._reference(c)))
+           for (label, c), code in zip(kernels, codes)]
+defects = [(label, d) for label, d in defects if d]
+for label, d in defects:
+    print("LOOP", label, d)
+assert not defects
+print("wgmma loops:", sum(len(code.loops) for code in codes))
 print("stage kernels with a wgmma:", sum(1 for (l, _), s in zip(kernels, stats) if l.startswith("stage") and s["wgmma"]))
 """
 
@@ -187,3 +202,40 @@ def test_sass_loops_take_the_innermost_loop_with_an_hgmma():
     code = sass.KernelCode([], registers=168, static_shared=1024)
     assert sass.occupancy(compiled, code) == {"registers": 1, "shared": 2, "threads": 8}
     assert sass.programs_per_sm(compiled, code) == 1
+
+
+REFERENCE_SCRIPT = r"""
+import json
+from fused_inception import reference, sass
+from fused_inception.kernels import conv as kconv
+out = {}
+for config in kconv.CONFIGS:
+    loops = sass.kernel_loops(reference.compile_plain_conv(config, "bf16"))
+    out[kconv.config_name(config)] = [dict(vars(l), per_mma=l.per_mma) for l in loops]
+print(json.dumps(out))
+"""
+
+
+def test_reference_conv_is_the_measured_yardstick():
+    """The plain implicit-GEMM conv the loop bar is measured against (fused_inception.reference),
+    compiled for sm_90 in bf16 under every stage config: one pipelined wgmma loop (16-byte async
+    copies, no synchronous load, no full wait) whose instructions per wgmma are within 5% of the
+    values measured with the shared SASS tool on the same kind of kernel (sass.REFERENCE_PER_MMA).
+    A reference that lost its pipelining or its alignment hints would be 2-3x slower and make any
+    loop look lean."""
+    try:
+        from fused_inception import sass
+
+        sass.cuobjdump()
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"no cuobjdump to read SASS with: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", REFERENCE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    import json
+
+    for name, loops in json.loads(r.stdout.splitlines()[-1]).items():
+        assert len(loops) == 1, (name, loops)
+        loop = loops[0]
+        assert loop["ldgsts"] == loop["ldgsts_16"] > 0 and loop["ldg"] == 0 and loop["full_wait"] == 0, (name, loop)
+        assert abs(loop["per_mma"] / sass.REFERENCE_PER_MMA[name] - 1) < 0.05, (name, loop["per_mma"])
