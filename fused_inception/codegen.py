@@ -437,15 +437,25 @@ SASS_HEAD = ["kernel", "regs", "programs/SM", "K loop", "instrs/wgmma (ref)", "l
              "verdict"]
 
 
-def _reference(compiled):
-    """The reference instructions per wgmma of a stage kernel's tile and dtype: a plain
-    implicit-GEMM conv compiled with them (fused_inception.reference); None for other kernels."""
+def _reference(compiled, loop=None):
+    """The reference instructions per wgmma of a stage kernel's loop: a plain implicit-GEMM conv
+    compiled with its tile and dtype (fused_inception.reference); None for other kernels. A
+    problem narrower than the config's BLOCK_N (kconv spec field `tn`) computes a narrower tile:
+    its loop's wgmma work per iteration says how wide (`loop`: a sass.Loop)."""
+    import triton
+
     from fused_inception import reference
 
     meta = compiled.fused_inception_meta
     config = meta.get("config")
     if meta["dtype"] not in ("bf16", "fp16", "fp32") or config is None or "BLOCK_M" not in config.kwargs:
         return None
+    k = config.kwargs
+    if loop is not None and loop.mma:  # the loop's tile width, from its wgmma work per iteration
+        block_k = k["BLOCK_K"] // 2 if meta["dtype"] == "fp32" else k["BLOCK_K"]
+        n = round(loop.mma * 64 * 128 * 16 / (k["BLOCK_M"] * block_k))
+        if n < k["BLOCK_N"]:
+            config = triton.Config(dict(k, BLOCK_N=n), num_warps=config.num_warps, num_stages=config.num_stages)
     return reference.per_mma(config, meta["dtype"])
 
 
@@ -458,9 +468,9 @@ def _sass_kernel_rows(label, compiled, code):
     if not code.loops:
         verdict = "no wgmma K loop" if _expects_wgmma(compiled.fused_inception_meta) else "ok (no K loop)"
         return [head + f" - | - | - | - | - | - | {verdict} |"]
-    ref = _reference(compiled)
     rows = []
     for loop in code.loops:
+        ref = _reference(compiled, loop)
         defects = [d.split(": ", 1)[1] for d in sass.loop_defects([loop], ref)]
         narrow = f" ({loop.ldgsts - loop.ldgsts_16} narrower than 16 B)" if loop.ldgsts_16 < loop.ldgsts else ""
         rows.append(head + f" {loop.start:#x} | {loop.per_mma}{f' ({ref})' if ref else ''} | {loop.ldgsts}{narrow} | "

@@ -110,6 +110,22 @@ def kernel_weight(weight, tap_channels=None):
     return w.reshape(w.shape[0], -1)
 
 
+# A problem's N tile: the widest power of two (32 to 128) whose tiles pad its columns by at most
+# this much; the launch config's BLOCK_N caps it (kconv spec field `tn`).
+N_TILE_SLACK = 1.15
+
+
+def n_tile(ncols):
+    """The widest N tile (128, 64 or 32) covering `ncols` columns with at most N_TILE_SLACK x
+    their work, else 32: 128 for 256 columns, 64 for 192 (two 128-wide tiles would be 75 %
+    useful), 32 for 96 and for 48 (a narrower one never pads more). Not 16: a 16-column weight
+    tile is too small for 8 warps' 16-byte copies (they become 8-byte ones)."""
+    for tile in (128, 64):
+        if -(-ncols // tile) * tile <= N_TILE_SLACK * ncols:
+            return tile
+    return 32
+
+
 def problem_spec(row, channels, walign):
     """The kernel's compile-time description of a problem (kconv.problem_spec) from its row.
 
@@ -138,7 +154,8 @@ def problem_spec(row, channels, walign):
         kind=kind, src=row["src"], dst0=row["dst0"], dst1=row["dst1"], split=split, kh=row["kh"], kw=row["kw"],
         sh=row["sh"], sw=row["sw"], ph=row["ph"], pw=row["pw"], pool=row["pool"], pkh=row["pkh"], pkw=row["pkw"],
         psh=row["psh"], psw=row["psw"], pph=row["pph"], ppw=row["ppw"], res=row["res"], act=row["act"],
-        slope=row["slope"], bn=row["bn"], align=power_of_two_dividing(*touched), walign=walign, dalign=power_of_two_dividing(*written))
+        slope=row["slope"], bn=row["bn"], align=power_of_two_dividing(*touched), walign=walign,
+        dalign=power_of_two_dividing(*written), tn=n_tile(row["ncols"]))
 
 
 @dataclass(frozen=True)

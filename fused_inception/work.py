@@ -7,7 +7,7 @@ flattens K in quarter chunks; a 1x1 of a strided pool loads quarter chunks too),
 autotune config:
 
 - programs at a batch: the launch's grid (sum over problems of ceil(M / BLOCK_M) x
-  ceil(ncols / BLOCK_N), M = batch x output pixels): with 132 SMs, fewer than 66 leaves most of
+  ceil(ncols / min(BLOCK_N, the problem's tn)), M = batch x output pixels): with 132 SMs, fewer than 66 leaves most of
   an H100 idle;
 - the longest program's K iterations (the critical path of a launch with few programs);
 - useful and issued MACs: M x ncols x K against the tiles' padded M, N and K.
@@ -28,7 +28,8 @@ def _cdiv(a, b):
 
 
 def problems_of(args, consts, in_channels=None):
-    """Per problem of a recorded stage launch: (kind, kh, kw, cin, ncols, output pixels per image).
+    """Per problem of a recorded stage launch: (kind, kh, kw, cin, ncols, output pixels per image,
+    its widest N tile).
     in_channels: the model input's channels, the useful ones of a padded stem (KIND_GEMM_TAPS
     reads kconv.TAP_CHANNELS); None: as the table says."""
     table, tail = args[0], args[11:]
@@ -40,7 +41,7 @@ def problems_of(args, consts, in_channels=None):
         if f["kind"] == kconv.KIND_GEMM_TAPS and in_channels is not None:
             cin = min(cin, in_channels)
         out.append((f["kind"], f["kh"], f["kw"], cin, row[_FIELD["ncols"]],
-                    o_hw if f["dst0"] == kconv.BUF_OUT else m_hw))
+                    o_hw if f["dst0"] == kconv.BUF_OUT else m_hw, f["tn"]))
     return out
 
 
@@ -50,9 +51,10 @@ def tile_work(problems, config, batch, fp32=False):
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     bk = bk // 2 if fp32 else bk
     programs = longest = useful = issued = 0
-    for kind, kh, kw, cin, ncols, hw in problems:
+    for kind, kh, kw, cin, ncols, hw, tn in problems:
         m = batch * hw
-        tiles_m, tiles_n = _cdiv(m, bm), _cdiv(ncols, bn)
+        bn_p = min(bn, tn)  # (the problem's N tile)
+        tiles_m, tiles_n = _cdiv(m, bm), _cdiv(ncols, bn_p)
         programs += tiles_m * tiles_n
         if kind == kconv.KIND_POOL:
             continue
@@ -68,7 +70,7 @@ def tile_work(problems, config, batch, fp32=False):
             iters = _cdiv(cin, chunk)
         longest = max(longest, iters)
         useful += m * ncols * k
-        issued += tiles_m * bm * tiles_n * bn * iters * chunk
+        issued += tiles_m * bm * tiles_n * bn_p * iters * chunk
     return programs, longest, useful, issued
 
 
@@ -77,7 +79,7 @@ def describe(problems):
              kconv.KIND_GEMM_TAPS: " padded"}
     return ", ".join(f"pool {cin}" if kind == kconv.KIND_POOL else f"{kh}x{kw}{names.get(kind, f' kind {kind}')} "
                      f"{cin}->{ncols}"
-                     for kind, kh, kw, cin, ncols, _ in problems)
+                     for kind, kh, kw, cin, ncols, *_ in problems)
 
 
 def work_table(launches, batches=(1, 32, 256), in_channels=None):

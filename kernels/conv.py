@@ -125,11 +125,13 @@ SPEC_FIELDS = (
     "align",  # power of two (<= 8) dividing every channel count, offset and row pitch it touches
     "walign",  # power of two (<= 8) dividing the problem's weight offset and row pitch
     "dalign",  # power of two (<= 8) dividing its columns, split and destination channels and pitches
+    "tn",  # the widest N tile the problem takes (a power of two, 16-128): its programs are
+    # min(BLOCK_N, tn) columns wide, so that a 32-column conv doesn't compute a 128-wide tile
 )
 I_KIND, I_SRC, I_DST0, I_DST1, I_SPLIT = (tl.constexpr(i) for i in range(5))
 I_KH, I_KW, I_SH, I_SW, I_PH, I_PW = (tl.constexpr(i) for i in range(5, 11))
 I_POOL, I_PKH, I_PKW, I_PSH, I_PSW, I_PPH, I_PPW = (tl.constexpr(i) for i in range(11, 18))
-I_RES, I_ACT, I_SLOPE, I_BN, I_ALIGN, I_WALIGN, I_DALIGN = (tl.constexpr(i) for i in range(18, 25))
+I_RES, I_ACT, I_SLOPE, I_BN, I_ALIGN, I_WALIGN, I_DALIGN, I_TN = (tl.constexpr(i) for i in range(18, 26))
 
 # The runtime fields of a problem: one int32 row of the stage's table.
 TABLE_FIELDS = ("cin", "ncols", "src_c", "split", "dst0_c", "dst1_c", "w_off", "w_ld", "ss_off", "res_c")
@@ -143,13 +145,13 @@ W_ALIGN = 8
 
 def problem_spec(kind=KIND_GEMM, src=BUF_X, dst0=BUF_OUT, dst1=None, split=0, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0,
                  pool=POOL_NONE, pkh=1, pkw=1, psh=1, psw=1, pph=0, ppw=0, res=0, act=ACT_NONE, slope=0.0, bn=0,
-                 align=1, walign=1, dalign=None):
+                 align=1, walign=1, dalign=None, tn=128):
     """A ProblemSpec: the tuple of SPEC_FIELDS (ints; `slope` a float), hashable and passed as a
     constexpr."""
     return (int(kind), int(src), int(dst0), int(dst0 if dst1 is None else dst1), int(split), int(kh), int(kw),
             int(sh), int(sw), int(ph), int(pw), int(pool), int(pkh), int(pkw), int(psh), int(psw), int(pph),
             int(ppw), int(res), int(act), float(slope), int(bn), int(align), int(walign),
-            int(align if dalign is None else dalign))
+            int(align if dalign is None else dalign), int(tn))
 
 
 def spec_field(spec, name):
@@ -554,12 +556,14 @@ def _stage_kernel(
     pid = tl.program_id(0)
     start = 0
     for p in tl.static_range(len(SPEC)):
-        tiles = _tiles(p, SPEC[p][I_DST0], table_ptr, batch, bufs, BLOCK_M, BLOCK_N)
+        # the problem's N tile: min(BLOCK_N, its tn) (a constexpr per problem, passed wrapped)
+        tiles = _tiles(p, SPEC[p][I_DST0], table_ptr, batch, bufs, BLOCK_M, tl.constexpr(min(BLOCK_N, SPEC[p][I_TN])))
         if (pid >= start) & (pid < start + tiles):
             # (tuples of constants passed on wrapped in tl.constexpr: Triton 3.6 takes a bare one for
             # a tuple of runtime values and fails)
             _problem(pid - start, p, tl.constexpr(SPEC[p]), table_ptr, w_ptr, scale_ptr, shift_ptr, bufs, raws,
-                     stats_ptr, center_ptr, batch, tl.constexpr(LAYOUT), BLOCK_M, BLOCK_N, BLOCK_K, DOT_IN_FP32,
+                     stats_ptr, center_ptr, batch, tl.constexpr(LAYOUT), BLOCK_M,
+                     tl.constexpr(min(BLOCK_N, SPEC[p][I_TN])), BLOCK_K, DOT_IN_FP32,
                      INPUT_PRECISION, ACC, TRAIN)
         start += tiles
 
@@ -902,7 +906,7 @@ class StageLaunch(CachedLaunch):
     also raw_out, raw_mid, stats, center). x may come at another 16-byte alignment later (it is
     checked per call)."""
 
-    __slots__ = ("spec", "table", "ncols", "sizes", "training", "dtype")
+    __slots__ = ("spec", "table", "ncols", "sizes", "tns", "training", "dtype")
     kernel = _stage_kernel
     interpreter_meta = INTERPRETER_CONFIG
     meta_names = ("SPEC", "LAYOUT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_IN_FP32", "INPUT_PRECISION", "ACC", "TRAIN")
@@ -922,6 +926,7 @@ class StageLaunch(CachedLaunch):
             INPUT_PRECISION=fp32_precision() if dtype == torch.float32 else "ieee",
             ACC=accumulator(dtype), TRAIN=training)
         self.sizes = tuple(batch * (o_hw if spec_field(p, "dst0") == BUF_OUT else m_hw) for p in spec)
+        self.tns = tuple(spec_field(p, "tn") for p in spec)
         self.dtype = dtype
         self._init(consts, tail, x.device, self._grid, checked=(4,), fp32=dtype == torch.float32)
 
@@ -939,8 +944,8 @@ class StageLaunch(CachedLaunch):
                      str(self.dtype)))
 
     def _grid(self, meta):
-        return (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-                    for m, n in zip(self.sizes, self.ncols)),)
+        return (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, min(meta["BLOCK_N"], tn))
+                    for m, n, tn in zip(self.sizes, self.ncols, self.tns)),)
 
     def __call__(self, weight, scale, shift, x, out, mid, raw_out=None, raw_mid=None, stats=None, center=None):
         if raw_out is None:  # (inference: the training pointers are unused, any tensor does)

@@ -50,7 +50,7 @@ assert len(distinct) <= max_kernels, sorted(distinct)
 from fused_inception import sass
 with ThreadPoolExecutor(workers) as pool:
     codes = list(pool.map(sass.kernel_code, [c for _, c in kernels]))
-defects = [(label, sass.loop_defects(code.loops, codegen._reference(c)))
+defects = [(label, [d for loop in code.loops for d in sass.loop_defects([loop], codegen._reference(c, loop))])
            for (label, c), code in zip(kernels, codes)]
 defects = [(label, d) for label, d in defects if d]
 for label, d in defects:
