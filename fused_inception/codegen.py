@@ -88,7 +88,7 @@ def _signature(kernel, args, consts):
 
 
 def _problem_name(f):
-    """A stage problem (its SPEC fields) in a label: "3x3", "7x7/s2 flat", "pool+1x1", "pool";
+    """A stage problem (its SPEC fields) in a label: "3x3", "7x7/s2 taps", "pool+1x1", "pool";
     a convolution kind other than KIND_GEMM by its KIND_ name in kernels/conv.py ("flat")."""
     if f["kind"] == kconv.KIND_POOLED_GEMM:
         return "pool+1x1"
@@ -108,7 +108,8 @@ def _label(kernel, consts, config):
         problems = []
         for spec in consts["SPEC"]:
             f = dict(zip(kconv.SPEC_FIELDS, spec))
-            problems.append(f"{_problem_name(f)}@{f['align']}")
+            tile = f"/n{f['tn']}" if f["tn"] < 128 and f["kind"] != kconv.KIND_POOL else ""  # (its own N tile)
+            problems.append(f"{_problem_name(f)}@{f['align']}{tile}")
         name += "[" + ",".join(problems) + "]" + (" train" if consts.get("TRAIN") else "")
     elif "PARTS" in consts:
         name += f"[{len(consts['PARTS'])} parts]"

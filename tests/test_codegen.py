@@ -62,9 +62,11 @@ print("stage kernels with a wgmma:", sum(1 for (l, _), s in zip(kernels, stats) 
 
 
 @pytest.mark.parametrize("model,dtype,mode,max_kernels", [
-    ("googlenet", "bf16", "eval", 5),  # stem conv1, conv2, conv3; the blocks' two stage kernels
-    ("inception_v3", "bf16", "eval", 15),
-    ("googlenet", "bf16", "train", 15),  # stage kernels with statistics, BatchNorm apply and backward
+    # (the bounds: distinct kernels, a problem's own N tile (spec field tn) included, so that a
+    # change that specialises more shows here and in the README's table)
+    ("googlenet", "bf16", "eval", 12),  # stem conv1, conv2, conv3; the blocks' stage kernels by N tiles
+    ("inception_v3", "bf16", "eval", 24),
+    ("googlenet", "bf16", "train", 22),  # stage kernels with statistics, BatchNorm apply and backward
 ], ids=lambda v: str(v))
 def test_kernels_meet_the_hopper_marks(model, dtype, mode, max_kernels):
     try:
