@@ -157,6 +157,28 @@ def test_direct_launch_reads_and_writes_slices(device):
     assert out[:, :7].isnan().all() and out[:, 7 + cout:].isnan().all()
 
 
+@pytest.mark.parametrize("cin,kernel,stride,padding", [(3, 7, 2, 3), (3, 3, 2, 0), (1, 3, 1, 1), (2, (5, 3), 1, (2, 1))],
+                         ids=["rgb7x7s2", "rgb3x3s2", "gray3x3", "c2_5x3"])
+@pytest.mark.parametrize("dtype,memory_format", [(torch.float32, torch.contiguous_format),
+                                                 (torch.bfloat16, torch.channels_last),
+                                                 (torch.float16, torch.contiguous_format)], ids=["fp32", "bf16_cl", "fp16"])
+def test_padded_stem(cin, kernel, stride, padding, dtype, memory_format, device):
+    """A network's first convolution, on fewer than 4 input channels: the plan pads a copy of the
+    input to 4 (one more torch kernel) and the kernel runs KIND_GEMM_TAPS, a K chunk of taps of 4
+    channels, with weights padded alike; against float64. 7x7 taps span several K chunks (BLOCK_K
+    / 4 taps each), 3x3 and 5x3 ones part of one."""
+    graph = BlockGraph([conv_node(cin, 24, kernel, stride, padding)], [0], in_channels=cin)
+    randomize_(modules_of(graph), seed=cin * 7 + stride).to(device)
+    x = torch.randn(2, cin, 13, 11, device=device)
+    plan = build_plan(graph, x.device, dtype)
+    assert plan.pad_to == kconv.TAP_CHANNELS
+    assert [kconv.spec_field(s, "kind") for st in plan.stages for s in st.spec] == [kconv.KIND_GEMM_TAPS]
+    with torch.no_grad(), count_launches() as n:
+        y = plan.run(x.to(dtype).contiguous(memory_format=memory_format), torch.contiguous_format)
+    assert n.value == 1 and y.dtype == dtype
+    assert_matches_reference(y, graph, x, TOL[dtype], f"{cin} channels, {kernel} s{stride} p{padding}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_geometry(dtype, device):
     graph = BlockGraph([conv_node(18, 24, (3, 3), 1, (1, 1)),

@@ -21,7 +21,7 @@ from fused_inception.kernels import conv as kconv
 from fused_inception.kernels.conv import BUF_MID, BUF_OUT
 from fused_inception.graph import BlockGraph, ResidualHead
 from fused_inception.layout import ProblemKind
-from fused_inception.plan import build_plan
+from fused_inception.plan import build_plan, padded_input
 
 
 def googlenet_like(cin, c1, r2, o2, r3, o3, p):
@@ -52,6 +52,14 @@ def pool_only(cin, a, r, s, t):
     return BlockGraph(nodes, [0, 3, 4], in_channels=cin)
 
 
+def stem(cin, a, b, c):
+    """A network's first convolutions, reading an input of fewer than 4 channels: a 7x7/s2, a
+    3x3/s2 and a 1x1/s2 of it, as the plan runs them on a copy padded to 4 channels (each its own
+    problem, kconv.KIND_GEMM_TAPS)."""
+    nodes = [conv_node(cin, a, 7, 2, 3), conv_node(cin, b, 3, 2, 1), conv_node(cin, c, 1, 2, 0)]
+    return BlockGraph(nodes, [0, 1, 2], in_channels=cin)
+
+
 def residual(cin, a, r, b):
     """Inception-ResNet: a 1x1 and a 1x1 -> 3x3 concatenated at the start of `mid` (the merged
     1x1s split between that and the reduction's slice), then relu(x + 0.2 * up(cat))."""
@@ -70,6 +78,8 @@ LAYOUTS = [
     (pool_only, (16, 24, 8, 16, 8), (9, 7)),
     (residual, (13, 7, 5, 9), (7, 5)),
     (residual, (16, 8, 16, 24), (7, 5)),
+    (stem, (3, 13, 7, 5), (11, 9)),
+    (stem, (1, 16, 8, 24), (11, 9)),
 ]
 # (batch, out's memory format; `mid` is always NHWC): 1 image (one pixel tile), 2 images NHWC and 3
 # images (tiles straddling images); the multiples of 8 with 2 images only.
@@ -115,11 +125,12 @@ def test_each_stage_writes_exactly_its_slices(layout, channels, size, batch, mem
     buffers = {BUF_OUT: out.fill_(float("nan"))}
     if mid is not out:
         buffers[BUF_MID] = mid.fill_(float("nan"))
-    launches = [kconv.StageLaunch(s.spec, s.table, s.ncols, s.depth, x, out, mid) for s in plan.stages]
+    xk = padded_input(x, plan.pad_to, plan.zero) if plan.pad_to else x  # (a stem's input, as Plan.run pads it)
+    launches = [kconv.StageLaunch(s.spec, s.table, s.ncols, s.depth, xk, out, mid) for s in plan.stages]
     for i, (launch, problems) in enumerate(zip(launches, plan.layout.stages)):
         before = {buf: t.clone() for buf, t in buffers.items()}
         with torch.no_grad():
-            launch(plan.weight, plan.scale, plan.shift, x, out, mid)
+            launch(plan.weight, plan.scale, plan.shift, xk, out, mid)
         written = {buf: set() for buf in buffers}
         for problem in problems:
             for buf, c0, expected in slices(problem, results, block_output, x):

@@ -343,6 +343,22 @@ def test_fallbacks_to_eager():
     assert fused.uses_kernels(x)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_padded_stem_training_matches_torchvision(memory_format, device):
+    """A GoogLeNet conv1 (3 input channels, 7x7/s2): the training forward runs the padded-input
+    kernel (the input padded to 4 channels, the weights packed padded each step) and its backward
+    the parameters' own layout; outputs, input and parameter gradients and running statistics
+    against torchvision's BasicConv2d in float64, over two steps."""
+    from torchvision.models.googlenet import BasicConv2d
+
+    ref = randomize_(BasicConv2d(3, 24, kernel_size=7, stride=2, padding=3), 4).to(device)
+    fused = FusedBasicConv2d(3, 24, kernel_size=7, stride=2, padding=3).to(device)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 13, 11, device=device).to(memory_format=memory_format)
+    check_training_parity(ref, fused, x)
+    assert fused.uses_kernels(x)
+
+
 def test_one_value_per_channel_is_refused_like_batchnorm():
     conv = FusedBasicConv2d(3, 4, kernel_size=1).train()
     ref = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)).train()
