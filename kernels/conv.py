@@ -13,11 +13,16 @@ reads what another writes. Every problem is an implicit GEMM
         y   = act(y)                             # ACT_*: ReLU, ReLU6, LeakyReLU, SiLU, GELU, Hardswish or none
         dst[img, oh, ow, dst_c + n] = y          # a channel slice of the block output or of `mid`
 
-A 1x1 problem may carry a pre-pool (max, average counting the padding, or average over the
-taps inside the image; any window, stride and padding) applied to its input as the tile is
-loaded: GoogLeNet's 3x3/s1/p1 max pool branch, Inception v3's average pool branches. A problem
-may also be the pool alone (no GEMM: the pooled channels are the result), as in the stride-2 max
-pool branch of Inception v3's grid-reduction blocks.
+A problem may be a pool alone (max, average counting the padding, or average over the taps
+inside the image; any window, stride and padding; no GEMM: the pooled channels are the result):
+the stride-2 max pool branch of Inception v3's grid-reduction blocks, and the pool of every pool
+branch (GoogLeNet's 3x3/s1/p1 max pool, Inception v3's average pools), which the plan runs in the
+stage before its 1x1, into `mid` (fused_inception.layout._pool_first), so that the 1x1 is a plain
+pipelined GEMM. A 1x1 after a strided pool (whose result would not have `mid`'s size) carries the
+pool instead, applied to its input as the tile is loaded (KIND_POOLED_GEMM: not pipelined).
+
+A block input of fewer than TAP_CHANNELS channels (a stem's RGB) is padded to TAP_CHANNELS by the
+plan, and its convolutions are KIND_GEMM_TAPS: a K chunk spans several taps of one vector each.
 
 The tensors a stage touches are three buffers: `x` (the stage's block input), `out` (the block
 output) and `mid` (the intermediate results of the branches that go on). A problem reads a
@@ -32,13 +37,14 @@ alignment. So a stage is described twice:
 - its *spec*, a tuple of `ProblemSpec` (one per problem; constexpr): the kind of problem, which
   buffers it reads and writes, kernel size, stride, padding, pool, residual, activation, and `align`,
   a power of two that divides every channel count, channel offset and channel-last row pitch
-  the problem touches (8 for every Inception network: their channel counts are multiples of 8).
+  the problem touches (8 for every Inception network: their channel counts are multiples of 8),
+  and `tn`, the widest N tile the problem takes (its programs are min(BLOCK_N, tn) columns wide).
   The kernel unrolls a branch per problem (`tl.static_range`), each with one flat K loop over
   (tap, channel chunk) whose loads sit directly in the loop body;
 - its *table*, an int32 row per problem on the device (`TABLE_FIELDS`): channel counts and
   offsets, weight offsets. They are runtime values, so one compiled kernel serves every block
-  with the same geometry (all nine GoogLeNet blocks share their two stage kernels); `align`
-  tells the compiler what it may assume about them.
+  with the same geometry and N tiles (GoogLeNet's nine blocks need nine stage kernels between
+  them); `align` tells the compiler what it may assume about them.
 
 Weights are packed by the plan as one [ncols, K] matrix per problem, K contiguous and ordered
 (tap, input channel) (nn.Conv2d's weight in channels_last order): the K-major operand wgmma
