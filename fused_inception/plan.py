@@ -82,19 +82,25 @@ def power_of_two_dividing(*values, cap=8):
 FLAT_K_BELOW = 8
 
 
-def input_channels(layout, in_channels):
-    """The channels of the block input the kernels read: kconv.TAP_CHANNELS when the block has
-    fewer and a convolution reads it (the plan pads a copy, `padded_input`: each tap one vector,
-    a pipelined K loop, kconv.KIND_GEMM_TAPS), else in_channels."""
-    if in_channels < kconv.TAP_CHANNELS and any(p.gemm and not p.row["pool"] and p.row["src"] == kconv.BUF_X
-                                                 for problems in layout.stages for p in problems):
+def _convolves_input(p):
+    """Whether problem p is a convolution of the block input (not of a pool of it)."""
+    return p.gemm and not p.row["pool"] and p.row["src"] == kconv.BUF_X
+
+
+def input_padding(layout, in_channels):
+    """The channels the block input is padded to for the kernels: kconv.TAP_CHANNELS when it has
+    fewer and a convolution reads it (`padded_input`: each tap one vector, a pipelined K loop,
+    kconv.KIND_GEMM_TAPS), else 0 (read as it is)."""
+    if in_channels < kconv.TAP_CHANNELS and any(map(_convolves_input, (p for ps in layout.stages for p in ps))):
         return kconv.TAP_CHANNELS
-    return in_channels
+    return 0
 
 
 def padded_input(x, channels, zero):
     """x with its channels zero-padded to `channels`, channels_last (one launch; zero: a 0-d zero
-    of x's dtype and device)."""
+    of x's dtype and device); x itself when `channels` is 0 (input_padding)."""
+    if not channels:
+        return x
     n, c, h, w = x.shape
     out = torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     return torch.cat([x, zero.expand(n, channels - c, h, w)], 1, out=out)
@@ -204,8 +210,8 @@ class Stage:
 def build_stages(layout, in_channels, device, packing):
     """The stages of `layout` for blocks of `in_channels` input channels, packed as `packing`
     says. Returns (stages, offsets): offsets per problem of the block, (w_off, w_ld)."""
-    x_channels = input_channels(layout, in_channels)
-    channels = layout.buffer_channels(x_channels)
+    pad = input_padding(layout, in_channels)
+    channels = layout.buffer_channels(pad or in_channels)
     offsets, w_off, col = [], 0, 0
     rows, depths = [], []
     for problems in layout.stages:
@@ -214,9 +220,9 @@ def build_stages(layout, in_channels, device, packing):
         for p in problems:
             row = dict(p.row)
             k = p.k
-            if x_channels != in_channels and p.gemm and not row["pool"] and row["src"] == kconv.BUF_X:
-                row.update(cin=x_channels, tap_channels=x_channels)
-                k = row["kh"] * row["kw"] * x_channels
+            if pad and _convolves_input(p):
+                row.update(cin=pad, tap_channels=pad)
+                k = row["kh"] * row["kw"] * pad
             w_ld = -(-k // packing.row_pad) * packing.row_pad if p.gemm else 0
             offsets.append((w_off, w_ld))
             rows[-1].append(dict(row, w_off=w_off, w_ld=w_ld, ss_off=col))
@@ -257,7 +263,7 @@ class Plan:
     weight: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
-    pad_to: int = 0  # the channels the input is padded to before the launches (input_channels), or 0
+    pad_to: int = 0  # the channels the input is padded to before the launches (input_padding), or 0
     zero: torch.Tensor = None  # 0-d zero (padded_input)
     _by_input: dict = field(default_factory=dict)
 
@@ -285,8 +291,7 @@ class Plan:
         out = torch.empty(out_alloc[0], **out_alloc[1])
         mid = out if mid_alloc is None else torch.empty(mid_alloc[0], **mid_alloc[1])
         weight, scale, shift = self.weight, self.scale, self.shift
-        if self.pad_to:
-            x = padded_input(x, self.pad_to, self.zero)
+        x = padded_input(x, self.pad_to, self.zero)
         for launch in launches:
             launch(weight, scale, shift, x, out, mid)
         return out
@@ -323,8 +328,7 @@ class Plan:
             x, memory_format)
         out = torch.empty(out_alloc[0], **out_alloc[1])
         mid = out if mid_alloc is None else torch.empty(mid_alloc[0], **mid_alloc[1])
-        if self.pad_to:
-            x = padded_input(x, self.pad_to, self.zero)
+        x = padded_input(x, self.pad_to, self.zero)
         return [lambda launch=launch: launch(self.weight, self.scale, self.shift, x, out, mid)
                 for launch in launches], out, mid
 
@@ -374,8 +378,7 @@ def build_plan(graph, device, dtype):
             pieces = [up if p.kind is ProblemKind.HEAD else shortcut]
         scales += [s for s, _ in pieces]
         shifts += [b for _, b in pieces]
-    x_channels = input_channels(layout, graph.in_channels)
-    return Plan(layout=layout, stages=stages, pad_to=x_channels if x_channels != graph.in_channels else 0,
+    return Plan(layout=layout, stages=stages, pad_to=input_padding(layout, graph.in_channels),
                 zero=torch.zeros((), dtype=dtype, device=device),
                 weight=torch.cat(weights) if weights else torch.zeros(1, dtype=dtype, device=device),
                 scale=torch.cat(scales).to(device=device, dtype=torch.float32),

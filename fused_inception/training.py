@@ -35,7 +35,7 @@ from fused_inception.kernels import conv as kconv
 from fused_inception.norms import all_reduce as _all_reduce
 from fused_inception.norms import update_running_stats
 from fused_inception.layout import build_layout
-from fused_inception.plan import TRAINING, build_stages, input_channels, kernel_weight, padded_input
+from fused_inception.plan import TRAINING, build_stages, input_padding, kernel_weight, padded_input
 
 
 @dataclass
@@ -77,8 +77,9 @@ class TrainPlan:
     center_pieces: list  # per member's columns: None (its BatchNorm's running mean) or constant zeros
     bn_columns: list  # (BatchNorm, first column, last column) per BatchNorm
     reads_out: bool  # some branch reads another branch's result in the block output
+    weight_pieces: int  # how many slots hold conv weights (they come first in packing order)
     tap_channels: tuple  # per problem: the channels its weights are padded to (plan.Stage), or None
-    pad_to: int  # the channels the input is padded to for the kernels (plan.input_channels), or 0
+    pad_to: int  # the channels the input is padded to for the kernels (plan.input_padding), or 0
     zero: torch.Tensor  # 0-d zero of the inputs' dtype (plan.padded_input)
     _by_input: dict = field(default_factory=dict)  # (x's shape and strides, memory format) -> Launches
 
@@ -148,7 +149,7 @@ class TrainPlan:
         b, g, be, c, end = self.sections
         weights = None
         if b and pieces[0].dtype != weight_dtype:
-            nw = sum(slot.kind == "weight" for slot in self.slots)
+            nw = self.weight_pieces
             weights = torch.cat(pieces[:nw], out=torch.empty(b, dtype=weight_dtype, device=self.consts.device))
             pieces, b, g, be, c, end = pieces[nw:], 0, g - b, be - b, c - b, end - b
         if all(p.dtype == acc for p in pieces):
@@ -246,8 +247,9 @@ def build_train_plan(graph, device, dtype, param_dtype):
                        for index, j, lo, hi in member_columns],
         bn_columns=bn_columns,
         reads_out=any(p.row["src"] == kconv.BUF_OUT for p in problems),
+        weight_pieces=len(weight_slots),
         tap_channels=tuple(c for s in stages for c in s.tap_channels),
-        pad_to=(lambda c: 0 if c == graph.in_channels else c)(input_channels(layout, graph.in_channels)),
+        pad_to=input_padding(layout, graph.in_channels),
         zero=torch.zeros((), dtype=dtype, device=device),
     )
     plan.is_param = tuple(ref is not None and getattr(*ref) is not None for ref in plan.refs())
@@ -282,7 +284,7 @@ def forward(plan, x, params, centers, group, memory_format):
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                                  f"{list(x.shape)} (a BatchNorm of this block sees {values} value per channel)")
     saved = torch.empty(4, plan.columns, dtype=plan.consts.dtype, device=x.device)
-    xk = padded_input(x, plan.pad_to, plan.zero) if plan.pad_to else x  # (a stem's input: see plan.input_channels)
+    xk = padded_input(x, plan.pad_to, plan.zero)  # (a stem's input: see plan.input_padding)
     launches = plan.launches(xk, out, mid, memory_format)
     if x.shape[0] == 0:
         return out, raw_out, raw_mid, saved, launches

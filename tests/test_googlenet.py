@@ -10,7 +10,7 @@ from fused_inception.launches import count_torch_kernels
 from fused_inception.models import GoogLeNetOutputs, googlenet
 
 # Launches of one eval forward: Triton: conv1, conv2, conv3 (1 each) + 9 Inception blocks x 2 = 21;
-# torch kernels: conv1's 3-channel input padded to 4 (one cat: plan.input_channels), 4 max pools,
+# torch kernels: conv1's 3-channel input padded to 4 (one cat: plan.input_padding), 4 max pools,
 # the adaptive avg pool and the fc's addmm = 7 (+2, mul and add, with transform_input).
 # torchvision's eager model takes 195.
 TRITON_LAUNCHES = 21

@@ -13,7 +13,7 @@ def test_report_rows(capsys):
     out = capsys.readouterr().out
     assert "| inception3a | 20 | 2 |" in out
     blocks = {r.name: r for r in rows}
-    # (conv1's 3-channel input is padded to 4 first: one cat, see plan.input_channels)
+    # (conv1's 3-channel input is padded to 4 first: one cat, see plan.input_padding)
     for name, fused in (("conv1", 2), ("conv2", 1), ("conv3", 1)):
         assert (blocks[name].eager_launches, blocks[name].fused_launches) == (3, fused)
     for r in rows[3:-1]:

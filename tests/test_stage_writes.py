@@ -125,7 +125,7 @@ def test_each_stage_writes_exactly_its_slices(layout, channels, size, batch, mem
     buffers = {BUF_OUT: out.fill_(float("nan"))}
     if mid is not out:
         buffers[BUF_MID] = mid.fill_(float("nan"))
-    xk = padded_input(x, plan.pad_to, plan.zero) if plan.pad_to else x  # (a stem's input, as Plan.run pads it)
+    xk = padded_input(x, plan.pad_to, plan.zero)  # (a stem's input, as Plan.run pads it)
     launches = [kconv.StageLaunch(s.spec, s.table, s.ncols, s.depth, xk, out, mid) for s in plan.stages]
     for i, (launch, problems) in enumerate(zip(launches, plan.layout.stages)):
         before = {buf: t.clone() for buf, t in buffers.items()}
