@@ -57,6 +57,8 @@ stage kernels (convolutions): wgmma (16-bit operands or TF32); every K loop of a
   one) builds its A tile from the window's shifted loads in registers: that loop is not
   pipelined by design, its loads must be 16 bytes wide where the channels allow (align 8).
   Problems whose channels are not multiples of 8 (other than a padded stem): 0 bytes spilled.
+Split K's reduction launch (KIND_REDUCE): 0 bytes spilled; 16-byte loads of the partial sums
+  where the columns allow (align 8).
 BatchNorm kernels: 0 bytes spilled; 16-byte loads where the channels allow."""
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -109,6 +111,7 @@ def _label(kernel, consts, config):
         for spec in consts["SPEC"]:
             f = dict(zip(kconv.SPEC_FIELDS, spec))
             tile = f"/n{f['tn']}" if f["tn"] < 128 and f["kind"] != kconv.KIND_POOL else ""  # (its own N tile)
+            tile += f"/k{f['ks']}" if f["ks"] > 1 else ""  # (split K: its slices)
             problems.append(f"{_problem_name(f)}@{f['align']}{tile}")
         name += "[" + ",".join(problems) + "]" + (" train" if consts.get("TRAIN") else "")
     elif "PARTS" in consts:
@@ -371,6 +374,8 @@ def check_marks(label, compiled, stats):
             misses.append(f"{len(gemms) - stats['pipelined']} of {len(gemms)} convolution K loops not pipelined")
         if any(f["align"] >= 8 for f in pooled) and not stats["ld.global v4/v2/1"][0]:
             misses.append("pooled loads not 16 bytes wide")
+        if any(f["kind"] == kconv.KIND_REDUCE and f["align"] >= 8 for f in fields) and not stats["ld.global v4/v2/1"][0]:
+            misses.append("partial sums not loaded 16 bytes wide")
     elif "PARTS" in meta:
         if any(part[-1] >= 8 for part in meta["PARTS"]) and not (stats["ld.global v4/v2/1"][0] or
                                                                    stats["ld.global v4/v2/1"][1]):

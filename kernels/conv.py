@@ -96,6 +96,12 @@ KIND_POOLED_GEMM = 1  # a 1x1 convolution of the pooled input
 KIND_POOL = 2  # the pooled input channels are the result (ncols == cin)
 KIND_GEMM_FLAT = 3  # a convolution of few input channels (a stem's 3): K flattened over (tap, channel)
 KIND_GEMM_TAPS = 4  # a convolution of an input padded to TAP_CHANNELS channels: a K chunk spans several taps
+# Split K (split_counts): a KIND_GEMM problem whose spec has ks > 1 runs ks programs per tile, each
+# over a slice of the K loop, and stores its fp32 partial sums to a workspace instead of its result;
+# a second launch of the same kernel (StageLaunch.finish) sums each tile's ks partials in slice
+# order and runs the epilogue: a deterministic reduction, no atomics.
+KIND_REDUCE = 5  # the second launch's problem: the sum of the partials of a split problem, then the epilogue
+KIND_SKIP = 6  # the second launch's place of a problem that was not split (no programs)
 
 # The channels a few-channel block input (a stem's 3) is padded to (fused_inception.plan does it,
 # one copy per forward, as cuDNN pads first layers): a tap's channels are then one 8-byte (16-bit
@@ -133,11 +139,12 @@ SPEC_FIELDS = (
     "dalign",  # power of two (<= 8) dividing its columns, split and destination channels and pitches
     "tn",  # the widest N tile the problem takes (a power of two, 16-128): its programs are
     # min(BLOCK_N, tn) columns wide, so that a 32-column conv doesn't compute a 128-wide tile
+    "ks",  # split K: the K slices (programs per tile) of a KIND_GEMM or KIND_REDUCE problem, 1: not split
 )
 I_KIND, I_SRC, I_DST0, I_DST1, I_SPLIT = (tl.constexpr(i) for i in range(5))
 I_KH, I_KW, I_SH, I_SW, I_PH, I_PW = (tl.constexpr(i) for i in range(5, 11))
 I_POOL, I_PKH, I_PKW, I_PSH, I_PSW, I_PPH, I_PPW = (tl.constexpr(i) for i in range(11, 18))
-I_RES, I_ACT, I_SLOPE, I_BN, I_ALIGN, I_WALIGN, I_DALIGN, I_TN = (tl.constexpr(i) for i in range(18, 26))
+I_RES, I_ACT, I_SLOPE, I_BN, I_ALIGN, I_WALIGN, I_DALIGN, I_TN, I_KS = (tl.constexpr(i) for i in range(18, 27))
 
 # The runtime fields of a problem: one int32 row of the stage's table.
 TABLE_FIELDS = ("cin", "ncols", "src_c", "split", "dst0_c", "dst1_c", "w_off", "w_ld", "ss_off", "res_c")
@@ -151,13 +158,13 @@ W_ALIGN = 8
 
 def problem_spec(kind=KIND_GEMM, src=BUF_X, dst0=BUF_OUT, dst1=None, split=0, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0,
                  pool=POOL_NONE, pkh=1, pkw=1, psh=1, psw=1, pph=0, ppw=0, res=0, act=ACT_NONE, slope=0.0, bn=0,
-                 align=1, walign=1, dalign=None, tn=128):
+                 align=1, walign=1, dalign=None, tn=128, ks=1):
     """A ProblemSpec: the tuple of SPEC_FIELDS (ints; `slope` a float), hashable and passed as a
     constexpr."""
     return (int(kind), int(src), int(dst0), int(dst0 if dst1 is None else dst1), int(split), int(kh), int(kw),
             int(sh), int(sw), int(ph), int(pw), int(pool), int(pkh), int(pkw), int(psh), int(psw), int(pph),
             int(ppw), int(res), int(act), float(slope), int(bn), int(align), int(walign),
-            int(align if dalign is None else dalign), int(tn))
+            int(align if dalign is None else dalign), int(tn), int(ks))
 
 
 def spec_field(spec, name):
@@ -294,12 +301,14 @@ def _dot(a, b, acc, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, AC
 
 @triton.jit
 def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_ptr, shift_ptr, bufs, raws, stats_ptr,
-             center_ptr, batch, LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             center_ptr, part_ptr, part_off, batch, LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
              TRAIN: tl.constexpr):
     """Tile `local` of problem P (spec S): a [BLOCK_M pixels, BLOCK_N columns] block of its
-    result. bufs: (x, out, mid), each (pointer, H, W, stride N, H, W, C); raws: the training
-    shadows (raw_out, raw_mid); LAYOUT: see _view."""
+    result (split K: of one K slice's partial sums, or their reduction). bufs: (x, out, mid),
+    each (pointer, H, W, stride N, H, W, C); raws: the training shadows (raw_out, raw_mid);
+    part_ptr + part_off: a split problem's partial sums, [ks, M, ncols] in ACC; LAYOUT: see
+    _view."""
     KIND: tl.constexpr = S[I_KIND]
     SRC: tl.constexpr = S[I_SRC]
     DST0: tl.constexpr = S[I_DST0]
@@ -325,6 +334,7 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
     ALIGN: tl.constexpr = S[I_ALIGN]
     WALIGN: tl.constexpr = S[I_WALIGN]
     DALIGN: tl.constexpr = S[I_DALIGN]
+    KS: tl.constexpr = S[I_KS]
     row = table_ptr + P * ROW
     cin = tl.multiple_of(tl.load(row + T_CIN), ALIGN)
     ncols = tl.multiple_of(tl.load(row + T_NCOLS), ALIGN)
@@ -338,6 +348,11 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
     _d, oh, ow, _n, _h, _w, _c = bufs[DST0]
     m_total = batch * oh * ow
     tiles_m = tl.cdiv(m_total, BLOCK_M)
+    kslice = 0
+    if KS > 1 and KIND == 0:  # split K: ks programs per tile, slice-major
+        tiles_mn = tiles_m * tl.cdiv(ncols, BLOCK_N)
+        kslice = local // tiles_mn
+        local = local % tiles_mn
     pid_m = local % tiles_m  # M fastest: neighbouring programs share a weight tile
     pid_n = local // tiles_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -362,6 +377,16 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
                              m_ok, c_ok, POOL, PKH, PKW, MAX_DTYPE)
             _store(DST0, dst0_c, c_ok, pooled, pooled, img, oy, ox, m_ok, offs_c, bufs, raws, KIND, 0, DALIGN, LAYOUT,
                    TRAIN)
+    elif KIND == 5:
+        # Split K's second launch: the partial sums of the tile's ks slices, added in slice
+        # order (deterministic), then the epilogue.
+        part = part_ptr + tl.multiple_of(part_off, ALIGN) + offs_m[:, None] * ncols + offs_n[None, :]
+        pmask = m_ok[:, None] & n_ok[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for j in tl.static_range(KS):
+            acc += tl.load(part + j * m_total * ncols, mask=pmask, other=0.0)
+        _epilogue(acc, row, S, scale_ptr, shift_ptr, bufs, raws, stats_ptr, center_ptr, img, oy, ox, m_ok, n_ok, offs_n,
+                  LAYOUT, BLOCK_N, ACC, TRAIN)
     else:
         # The K chunk: BLOCK_K for 16-bit operands, half of it for fp32 (same bytes per tile).
         # (Inline: Triton 3.6 returns a tensor, not a constexpr, from a jit helper.)
@@ -434,7 +459,14 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
                 acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION, ACC)
         else:
             # One flat loop over (tap, channel chunk), loads in its body: what Triton pipelines.
-            for kk in range(KH * KW * chunks):
+            # Split K: slice `kslice` of ks runs its share of the iterations.
+            k_lo = 0
+            k_hi = KH * KW * chunks
+            if KS > 1:
+                per = tl.cdiv(k_hi, KS)
+                k_lo = kslice * per
+                k_hi = tl.minimum(k_lo + per, k_hi)
+            for kk in range(k_lo, k_hi):
                 tap = kk // chunks
                 c0 = (kk - tap * chunks) * BK
                 ch = c0 + offs_k
@@ -447,56 +479,81 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
                 b = tl.load(w_ptr + ch[:, None] + (w_row + tap * cin)[None, :], mask=k_ok[:, None], other=0.0)
                 acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION, ACC)
 
-        # Epilogue while the accumulator is still wide. Inference: BN and bias folded into
-        # acc * scale + shift. Training: shift is the conv bias and scale the residual scale (1
-        # elsewhere), (acc + shift) * scale, and BatchNorm comes after (kernels.batchnorm).
-        ss_off = tl.load(row + T_SS_OFF)
-        scale = tl.load(scale_ptr + ss_off + offs_n, mask=n_ok, other=0.0).to(ACC)
-        shift = tl.load(shift_ptr + ss_off + offs_n, mask=n_ok, other=0.0).to(ACC)
-        if TRAIN:
-            acc = (acc + shift[None, :]) * scale[None, :]
+        if KS > 1 and KIND == 0:  # a K slice: its partial sums, for the second launch
+            # (offsets multiples of ALIGN: every split problem's ncols is)
+            part = part_ptr + tl.multiple_of(part_off, ALIGN) + (kslice * m_total + offs_m)[:, None] * ncols + offs_n[None, :]
+            tl.store(part, acc, mask=m_ok[:, None] & n_ok[None, :])
         else:
-            acc = acc * scale[None, :] + shift[None, :]
-        if RES != 0:  # residual: the block input at the same pixel and channel, or a slice of `mid`
-            # (a projection shortcut's result); both have the output's H and W
-            RES_BUF: tl.constexpr = 0 if RES == 1 else 2
-            res_c = 0
-            if RES == 2:
-                res_c = tl.multiple_of(tl.load(row + T_RES_C), ALIGN)
-            xp, _xh, _xw, xs_n, xs_h, xs_w, xs_c = _view(RES_BUF, bufs, LAYOUT)
-            acc += tl.load(xp + (img * xs_n + oy * xs_h + ox * xs_w)[:, None] + ((res_c + offs_n) * xs_c)[None, :],
-                           mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
-        pre = acc.to(dtype)  # the pre-activation as stored (and as eager rounds it)
-        if TRAIN:
-            if BN:  # batch statistics of the stored values, summed over this tile's pixels
-                ss_col = ss_off + offs_n
-                center = _load_center(center_ptr, ss_col, n_ok, ACC)
-                v = tl.where(m_ok[:, None] & n_ok[None, :], pre.to(ACC) - center[None, :], 0.0)
-                tl.atomic_add(stats_ptr + ss_col * 3, tl.sum(v, 0), mask=n_ok)
-                tl.atomic_add(stats_ptr + ss_col * 3 + 1, tl.sum(v * v, 0), mask=n_ok)
-                tl.atomic_add(stats_ptr + ss_col * 3 + 2, tl.zeros((BLOCK_N,), ACC) + tl.sum(m_ok.to(ACC), 0), mask=n_ok)
-        # The activation reads the pre-activation rounded to the storage dtype, as eager's reads
-        # its input tensor. ReLU, ReLU6 and none only select values: rounding commutes with them
-        # and they run on the wider value (inference: `acc`, dead after) or, in training, on the
-        # stored `pre` itself (so that the accumulator is dead here: `pre` stays alive for its
-        # own store). The others compute in fp32 from the rounded value.
-        if ACT <= 2:
-            if TRAIN:
-                y = _activate(pre, ACT, SLOPE)
-            else:
-                y = _activate(acc, ACT, SLOPE).to(dtype)
-        else:
-            y = _activate(pre.to(ACC), ACT, SLOPE).to(dtype)
+            _epilogue(acc, row, S, scale_ptr, shift_ptr, bufs, raws, stats_ptr, center_ptr, img, oy, ox, m_ok, n_ok,
+                      offs_n, LAYOUT, BLOCK_N, ACC, TRAIN)
 
-        if SPLIT:  # columns < split to dst0, the rest to dst1
-            split = tl.multiple_of(tl.load(row + T_SPLIT), DALIGN)
-            _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok & (offs_n < split), y, pre, img, oy, ox,
-                   m_ok, offs_n, bufs, raws, KIND, BN, DALIGN, LAYOUT, TRAIN)
-            _store(DST1, tl.multiple_of(tl.load(row + T_DST1_C) - split, DALIGN), n_ok & (offs_n >= split), y, pre,
-                   img, oy, ox, m_ok, offs_n, bufs, raws, KIND, BN, DALIGN, LAYOUT, TRAIN)
+
+@triton.jit
+def _epilogue(acc, row, S: tl.constexpr, scale_ptr, shift_ptr, bufs, raws, stats_ptr, center_ptr, img, oy, ox, m_ok, n_ok,
+              offs_n, LAYOUT: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, TRAIN: tl.constexpr):
+    """The end of a tile: scale and shift, residual, statistics (training), activation, stores
+    (see _problem: `row` is the problem's table row, S its spec)."""
+    dtype = bufs[0][0].dtype.element_ty  # (the buffers' one dtype)
+    KIND: tl.constexpr = S[I_KIND]
+    DST0: tl.constexpr = S[I_DST0]
+    DST1: tl.constexpr = S[I_DST1]
+    SPLIT: tl.constexpr = S[I_SPLIT]
+    RES: tl.constexpr = S[I_RES]
+    ACT: tl.constexpr = S[I_ACT]
+    SLOPE: tl.constexpr = S[I_SLOPE]
+    BN: tl.constexpr = S[I_BN]
+    ALIGN: tl.constexpr = S[I_ALIGN]
+    DALIGN: tl.constexpr = S[I_DALIGN]
+    # Epilogue while the accumulator is still wide. Inference: BN and bias folded into
+    # acc * scale + shift. Training: shift is the conv bias and scale the residual scale (1
+    # elsewhere), (acc + shift) * scale, and BatchNorm comes after (kernels.batchnorm).
+    ss_off = tl.load(row + T_SS_OFF)
+    scale = tl.load(scale_ptr + ss_off + offs_n, mask=n_ok, other=0.0).to(ACC)
+    shift = tl.load(shift_ptr + ss_off + offs_n, mask=n_ok, other=0.0).to(ACC)
+    if TRAIN:
+        acc = (acc + shift[None, :]) * scale[None, :]
+    else:
+        acc = acc * scale[None, :] + shift[None, :]
+    if RES != 0:  # residual: the block input at the same pixel and channel, or a slice of `mid`
+        # (a projection shortcut's result); both have the output's H and W
+        RES_BUF: tl.constexpr = 0 if RES == 1 else 2
+        res_c = 0
+        if RES == 2:
+            res_c = tl.multiple_of(tl.load(row + T_RES_C), ALIGN)
+        xp, _xh, _xw, xs_n, xs_h, xs_w, xs_c = _view(RES_BUF, bufs, LAYOUT)
+        acc += tl.load(xp + (img * xs_n + oy * xs_h + ox * xs_w)[:, None] + ((res_c + offs_n) * xs_c)[None, :],
+                       mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
+    pre = acc.to(dtype)  # the pre-activation as stored (and as eager rounds it)
+    if TRAIN:
+        if BN:  # batch statistics of the stored values, summed over this tile's pixels
+            ss_col = ss_off + offs_n
+            center = _load_center(center_ptr, ss_col, n_ok, ACC)
+            v = tl.where(m_ok[:, None] & n_ok[None, :], pre.to(ACC) - center[None, :], 0.0)
+            tl.atomic_add(stats_ptr + ss_col * 3, tl.sum(v, 0), mask=n_ok)
+            tl.atomic_add(stats_ptr + ss_col * 3 + 1, tl.sum(v * v, 0), mask=n_ok)
+            tl.atomic_add(stats_ptr + ss_col * 3 + 2, tl.zeros((BLOCK_N,), ACC) + tl.sum(m_ok.to(ACC), 0), mask=n_ok)
+    # The activation reads the pre-activation rounded to the storage dtype, as eager's reads
+    # its input tensor. ReLU, ReLU6 and none only select values: rounding commutes with them
+    # and they run on the wider value (inference: `acc`, dead after) or, in training, on the
+    # stored `pre` itself (so that the accumulator is dead here: `pre` stays alive for its
+    # own store). The others compute in fp32 from the rounded value.
+    if ACT <= 2:
+        if TRAIN:
+            y = _activate(pre, ACT, SLOPE)
         else:
-            _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok, y, pre, img, oy, ox, m_ok, offs_n, bufs,
-                   raws, KIND, BN, DALIGN, LAYOUT, TRAIN)
+            y = _activate(acc, ACT, SLOPE).to(dtype)
+    else:
+        y = _activate(pre.to(ACC), ACT, SLOPE).to(dtype)
+
+    if SPLIT:  # columns < split to dst0, the rest to dst1
+        split = tl.multiple_of(tl.load(row + T_SPLIT), DALIGN)
+        _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok & (offs_n < split), y, pre, img, oy, ox,
+               m_ok, offs_n, bufs, raws, KIND, BN, DALIGN, LAYOUT, TRAIN)
+        _store(DST1, tl.multiple_of(tl.load(row + T_DST1_C) - split, DALIGN), n_ok & (offs_n >= split), y, pre,
+               img, oy, ox, m_ok, offs_n, bufs, raws, KIND, BN, DALIGN, LAYOUT, TRAIN)
+    else:
+        _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok, y, pre, img, oy, ox, m_ok, offs_n, bufs,
+               raws, KIND, BN, DALIGN, LAYOUT, TRAIN)
 
 
 @triton.jit
@@ -518,11 +575,24 @@ def _store(DST: tl.constexpr, c_base, col_ok, y, pre, img, oy, ox, m_ok, offs_n,
 
 
 @triton.jit
-def _tiles(P: tl.constexpr, DST0: tl.constexpr, table_ptr, batch, bufs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Programs of problem P: ceil(M / BLOCK_M) * ceil(ncols / BLOCK_N)."""
-    _d, h, w, _n, _h, _w, _c = bufs[DST0]
+def _tiles(P: tl.constexpr, S: tl.constexpr, table_ptr, batch, bufs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(programs, partial sums) of problem P (spec S): ceil(M / BLOCK_M) * ceil(ncols / BLOCK_N)
+    programs, ks times that for a split K slice's; ks * M * ncols partial sums for a split
+    problem (K slices or their reduction), else 0. KIND_SKIP: none."""
+    KIND: tl.constexpr = S[I_KIND]
+    KS: tl.constexpr = S[I_KS]
+    _d, h, w, _n, _h, _w, _c = bufs[S[I_DST0]]
     m = batch * h * w
-    return tl.cdiv(m, BLOCK_M) * tl.cdiv(tl.load(table_ptr + P * ROW + T_NCOLS), BLOCK_N)
+    ncols = tl.load(table_ptr + P * ROW + T_NCOLS)
+    tiles = tl.cdiv(m, BLOCK_M) * tl.cdiv(ncols, BLOCK_N)
+    if KIND == 6:
+        tiles = 0
+    elif KIND == 0 and KS > 1:
+        tiles = tiles * KS
+    parts = 0
+    if KS > 1:
+        parts = KS * m * ncols
+    return tiles, parts
 
 
 @triton.jit(do_not_specialize=["batch", "x_h", "x_w", "x_sn", "x_sh", "x_sw", "x_sc", "o_h", "o_w", "o_sn", "o_sh",
@@ -540,6 +610,9 @@ def _stage_kernel(
     # [columns, 3] accumulators of (sum, sum of squares, count) of the pre-activations minus a
     # per-column centre (the running mean: it keeps the sum of squares free of cancellation)
     raw_out_ptr, raw_mid_ptr, stats_ptr, center_ptr,
+    # split K: the partial sums of the split problems, one [ks, M, ncols] block each in problem
+    # order, ACC (written by the K slices' launch, read by the reduction's)
+    part_ptr,
     batch,
     x_h, x_w, x_sn, x_sh, x_sw, x_sc,
     o_h, o_w, o_sn, o_sh, o_sw, o_sc,
@@ -561,17 +634,21 @@ def _stage_kernel(
     raws = (raw_out_ptr, raw_mid_ptr)
     pid = tl.program_id(0)
     start = 0
+    part_off = 0
     for p in tl.static_range(len(SPEC)):
         # the problem's N tile: min(BLOCK_N, its tn) (a constexpr per problem, passed wrapped)
-        tiles = _tiles(p, SPEC[p][I_DST0], table_ptr, batch, bufs, BLOCK_M, tl.constexpr(min(BLOCK_N, SPEC[p][I_TN])))
-        if (pid >= start) & (pid < start + tiles):
-            # (tuples of constants passed on wrapped in tl.constexpr: Triton 3.6 takes a bare one for
-            # a tuple of runtime values and fails)
-            _problem(pid - start, p, tl.constexpr(SPEC[p]), table_ptr, w_ptr, scale_ptr, shift_ptr, bufs, raws,
-                     stats_ptr, center_ptr, batch, tl.constexpr(LAYOUT), BLOCK_M,
-                     tl.constexpr(min(BLOCK_N, SPEC[p][I_TN])), BLOCK_K, DOT_IN_FP32,
-                     INPUT_PRECISION, ACC, TRAIN)
+        # (tuples of constants passed on wrapped in tl.constexpr: Triton 3.6 takes a bare one for
+        # a tuple of runtime values and fails)
+        tiles, parts = _tiles(p, tl.constexpr(SPEC[p]), table_ptr, batch, bufs, BLOCK_M,
+                              tl.constexpr(min(BLOCK_N, SPEC[p][I_TN])))
+        if SPEC[p][I_KIND] != 6:
+            if (pid >= start) & (pid < start + tiles):
+                _problem(pid - start, p, tl.constexpr(SPEC[p]), table_ptr, w_ptr, scale_ptr, shift_ptr, bufs, raws,
+                         stats_ptr, center_ptr, part_ptr, part_off, batch, tl.constexpr(LAYOUT), BLOCK_M,
+                         tl.constexpr(min(BLOCK_N, SPEC[p][I_TN])), BLOCK_K, DOT_IN_FP32,
+                         INPUT_PRECISION, ACC, TRAIN)
         start += tiles
+        part_off += parts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -904,25 +981,82 @@ class CachedLaunch:
             self.tail_meta = self.tail + self.meta
 
 
+# Split K (issue 20, batch 1): a stage launch that gives an H100 fewer programs than half its 132
+# SMs under the largest tile splits the K loop of each convolution that runs more than
+# SPLIT_ITERATIONS iterations into slices of about SPLIT_SLICE (their partial sums reduced in
+# order by a second launch: KIND_REDUCE). Larger launches fill the GPU with tiles alone.
+SPLIT_PROGRAMS = 66
+SPLIT_ITERATIONS = 16
+SPLIT_SLICE = 8
+# The second launch's config: no GEMM, a [64, 64] tile of ks loads, the epilogue.
+REDUCE_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
+
+
+def k_iterations(spec, cin, fp32=False, block_k=64):
+    """The K loop's iterations of a KIND_GEMM problem (spec) of `cin` input channels (a tap's
+    channels in chunks of the K chunk: BLOCK_K, half of it for fp32 operands)."""
+    bk = block_k // 2 if fp32 else block_k
+    return spec_field(spec, "kh") * spec_field(spec, "kw") * -(-cin // bk)
+
+
+def split_counts(spec, sizes, ncols, cins, fp32=False):
+    """Per problem of a stage, its K slices (spec field ks): 1 unless the launch has fewer than
+    SPLIT_PROGRAMS programs under the largest config (128x128 tiles: every config gives at least
+    as many) and the problem is a convolution (KIND_GEMM) of more than SPLIT_ITERATIONS K
+    iterations; then ceil(iterations / SPLIT_SLICE). sizes: output pixels (batch x H x W) per
+    problem; cins: its input channels."""
+    programs = sum(-(-m // 128) * -(-n // min(128, spec_field(p, "tn"))) for p, m, n in zip(spec, sizes, ncols))
+    if programs >= SPLIT_PROGRAMS:
+        return (1,) * len(spec)
+    counts = []
+    for p, cin in zip(spec, cins):
+        iters = k_iterations(p, cin, fp32) if spec_field(p, "kind") == KIND_GEMM else 0
+        counts.append(-(-iters // SPLIT_SLICE) if iters > SPLIT_ITERATIONS else 1)
+    return tuple(counts)
+
+
+def _with_field(spec, name, value):
+    i = SPEC_FIELDS.index(name)
+    return spec[:i] + (value,) + spec[i + 1:]
+
+
 class StageLaunch(CachedLaunch):
     """The launch of one stage (see conv_stage for the arguments) for buffers of one shape and
     layout, inference or training (`training`: the pre-activations and statistics variant).
     Build it with buffers of the shape and strides the calls will pass; call it with the
     stage's weights and the buffers: `launch(weight, scale, shift, x, out, mid)` (training:
     also raw_out, raw_mid, stats, center). x may come at another 16-byte alignment later (it is
-    checked per call)."""
+    checked per call).
 
-    __slots__ = ("spec", "table", "ncols", "sizes", "tns", "training", "dtype")
+    A stage of few programs (split_counts) is two launches: its split problems' K slices write
+    partial sums to a workspace allocated per call, and `finish`, a launch of the same kernel
+    whose problems are KIND_REDUCE (the split ones) and KIND_SKIP (the others), adds them in
+    slice order and runs the epilogue."""
+
+    __slots__ = ("spec", "table", "ncols", "sizes", "tns", "training", "dtype", "finish", "part_numel", "acc_dtype")
     kernel = _stage_kernel
     interpreter_meta = INTERPRETER_CONFIG
     meta_names = ("SPEC", "LAYOUT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_IN_FP32", "INPUT_PRECISION", "ACC", "TRAIN")
 
-    def __init__(self, spec, table, ncols, depth, x, out, mid, training=False):
+    def __init__(self, spec, table, ncols, depth, x, out, mid, training=False, config=None, split=True):
         batch = x.shape[0]
         o_hw = out.shape[2] * out.shape[3]
         m_hw = mid.shape[2] * mid.shape[3]
         dtype = x.dtype
         units = x_unit, out_unit, mid_unit = _pitch_unit(x), _pitch_unit(out), _pitch_unit(mid)
+        sizes = tuple(batch * (o_hw if spec_field(p, "dst0") == BUF_OUT else m_hw) for p in spec)
+        self.finish, self.part_numel = None, 0
+        self.acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        if split:
+            cins = tuple(d // (spec_field(p, "kh") * spec_field(p, "kw")) for p, d in zip(spec, depth))
+            ks = split_counts(spec, sizes, ncols, cins, fp32=dtype.itemsize > 2)
+            if max(ks) > 1:
+                spec = tuple(_with_field(p, "ks", k) for p, k in zip(spec, ks))
+                self.part_numel = sum(k * m * n for k, m, n in zip(ks, sizes, ncols) if k > 1)
+                assert self.part_numel < 2**31  # (int32 offsets: splits only happen for small M)
+                finish = tuple(_with_field(p, "kind", KIND_REDUCE) if k > 1 else _with_field(p, "kind", KIND_SKIP)
+                               for p, k in zip(spec, ks))
+                self.finish = StageLaunch(finish, table, ncols, depth, x, out, mid, training, REDUCE_CONFIG, False)
         self.spec, self.table, self.ncols, self.training = spec, table, tuple(ncols), training
         tail = (batch, *(g for t, unit in zip((x, out, mid), units) for g in kernel_geometry(t, unit > 0, unit or 8)),
                 _bucket(batch * max(x.shape[2] * x.shape[3], o_hw, m_hw)), _bucket(sum(ncols)), _bucket(max(depth)))
@@ -931,10 +1065,10 @@ class StageLaunch(CachedLaunch):
             DOT_IN_FP32=INTERPRETING and dtype == torch.bfloat16,  # triton#11584: bf16 dot is wrong there
             INPUT_PRECISION=fp32_precision() if dtype == torch.float32 else "ieee",
             ACC=accumulator(dtype), TRAIN=training)
-        self.sizes = tuple(batch * (o_hw if spec_field(p, "dst0") == BUF_OUT else m_hw) for p in spec)
+        self.sizes = sizes
         self.tns = tuple(spec_field(p, "tn") for p in spec)
         self.dtype = dtype
-        self._init(consts, tail, x.device, self._grid, checked=(4,), fp32=dtype == torch.float32)
+        self._init(consts, tail, x.device, self._grid, checked=(4,), config=config, fp32=dtype == torch.float32)
 
     @property
     def tuner(self):
@@ -950,11 +1084,20 @@ class StageLaunch(CachedLaunch):
                      str(self.dtype)))
 
     def _grid(self, meta):
-        return (sum(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, min(meta["BLOCK_N"], tn))
-                    for m, n, tn in zip(self.sizes, self.ncols, self.tns)),)
+        programs = 0
+        for p, m, n, tn in zip(self.spec, self.sizes, self.ncols, self.tns):
+            kind = spec_field(p, "kind")
+            if kind != KIND_SKIP:
+                programs += (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, min(meta["BLOCK_N"], tn))
+                             * (spec_field(p, "ks") if kind == KIND_GEMM else 1))
+        return (programs,)
 
     def __call__(self, weight, scale, shift, x, out, mid, raw_out=None, raw_mid=None, stats=None, center=None):
         if raw_out is None:  # (inference: the training pointers are unused, any tensor does)
-            self.launch((self.table, weight, scale, shift, x, out, mid, out, mid, scale, scale))
-        else:
-            self.launch((self.table, weight, scale, shift, x, out, mid, raw_out, raw_mid, stats, center))
+            raw_out, raw_mid, stats, center = out, mid, scale, scale
+        # (split K: the partial sums, from the caching allocator; else unused, any tensor does)
+        part = torch.empty(self.part_numel, dtype=self.acc_dtype, device=x.device) if self.finish else scale
+        tensors = (self.table, weight, scale, shift, x, out, mid, raw_out, raw_mid, stats, center, part)
+        self.launch(tensors)
+        if self.finish is not None:
+            self.finish.launch(tensors)

@@ -40,6 +40,27 @@ def assert_close_rel(actual, expected, tol, what=""):
     return err
 
 
+def split_launches(*objects):
+    """The reduction launches of the split-K stage launches (kconv.StageLaunch.finish: a stage of
+    few programs at a small input) that the fused modules in `objects` (models, or plans with
+    launches()) prepared so far: each makes one launch more per forward than its stage count.
+    Which stages split is kconv.split_counts' rule, pinned by tests/test_split_k.py."""
+    launches = []
+    for obj in objects:
+        if hasattr(obj, "launches") and callable(obj.launches):
+            launches += obj.launches()
+            continue
+        for m in obj.modules():
+            program = m.__dict__.get("_program")
+            if program is None:
+                continue
+            for _, plan, _ in program._plans.values():
+                launches += plan.launches()
+            for plan in program._train_plans.values():
+                launches += plan.all_launches()
+    return sum(getattr(launch, "finish", None) is not None for launch in launches)
+
+
 def _pool_gap(x, kernel, stride, padding, ceil_mode):
     """The smallest lead of a max-pool window's largest value over its next smaller one (equal
     values are one value: a pixel an earlier max pool copied routes the gradient the same way),

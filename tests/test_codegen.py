@@ -20,6 +20,7 @@ SCRIPT = r"""
 import os, sys
 import torch
 from fused_inception import codegen
+from fused_inception.kernels import conv as kconv
 
 model_name, dtype_name, train, max_kernels = sys.argv[1], sys.argv[2], sys.argv[3] == "train", int(sys.argv[4])
 model = codegen.model_named(model_name, train)
@@ -28,11 +29,17 @@ x = torch.empty(32 if not train else 2, 3, size, size).to(memory_format=torch.ch
 model = model.to(memory_format=torch.channels_last)
 dtype = codegen._DTYPES[dtype_name]
 workers = os.cpu_count() or 1
-if train:
-    with torch.autocast("cpu", dtype=dtype):
-        kernels = codegen.compile_kernels(model, x, workers=workers)
-else:
-    kernels = codegen.compile_kernels(model.to(dtype), x.to(dtype), workers=workers)
+# The kernels at this batch and at batch 1 on the network's own input size (split K's slices and
+# reductions: kconv.split_counts), each compiled once.
+x1 = torch.empty(1, 3, codegen.default_size(model_name), codegen.default_size(model_name)).to(
+    memory_format=torch.channels_last)
+model = model if train else model.to(dtype)
+kernels, labels = [], set()
+for inp in (x, x1):
+    with torch.autocast("cpu", dtype=dtype, enabled=train):
+        compiled = codegen.compile_kernels(model, inp if train else inp.to(dtype), workers=workers)
+    kernels += [(label, c) for label, c in compiled if label not in labels]
+    labels.update(label for label, _ in compiled)
 from concurrent.futures import ThreadPoolExecutor
 with ThreadPoolExecutor(workers) as pool:
     stats = list(pool.map(codegen.kernel_stats, [c for _, c in kernels]))
@@ -57,6 +64,23 @@ for label, d in defects:
     print("LOOP", label, d)
 assert not defects
 print("wgmma loops:", sum(len(code.loops) for code in codes))
+# Issue 20 item 3: at batch 1 (the network's own input size) every stage launch has at least 66
+# programs (half of an H100's 132 SMs) or its longest program runs at most 16 K iterations, under
+# every config it may run under (split K: fused_inception.work counts the slices).
+from fused_inception import work
+with torch.autocast("cpu", dtype=dtype, enabled=train):
+    one = codegen.record_launches(model, x1 if train else x1.to(dtype))
+starved = []
+for i, (kernel, args, consts, configs) in enumerate(one):
+    if "SPEC" not in consts or "LAYOUT" not in consts or work.is_finish(consts):
+        continue
+    problems = work.problems_of(args, consts, 3)
+    for config in configs:
+        programs, longest, _, _, _ = work.tile_work(problems, config, 1, args[4].element_size() > 2)
+        if programs < 66 and longest > 16:
+            starved.append((i, work.describe(problems), kconv.config_name(config), programs, longest))
+print("batch-1 stage launches:", sum(1 for k, a, c, _ in one if "SPEC" in c and "LAYOUT" in c))
+assert not starved, starved
 print("stage kernels with a wgmma:", sum(1 for (l, _), s in zip(kernels, stats) if l.startswith("stage") and s["wgmma"]))
 """
 

@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torchvision.models import inception as tv
 
-from conftest import TOL, Decisions, assert_close_rel, assert_relu_zero_pattern, randomize_
+from conftest import TOL, Decisions, assert_close_rel, assert_relu_zero_pattern, randomize_, split_launches
 from fused_inception import (FusedInceptionA, FusedInceptionB, FusedInceptionC, FusedInceptionD,
                              FusedInceptionE, build_plans, count_launches)
 from fused_inception.launches import count_torch_kernels
@@ -34,7 +34,8 @@ def test_block_matches_torchvision(fused_cls, tv_cls, args, size, launches, devi
             expected = ref.double()(x.double())
         with count_launches() as n:
             y = fused(x.to(device))
-    assert n.value == launches == fused.launches == len(interpreter_launches)
+    assert n.value == launches + split_launches(fused) == fused.launches + split_launches(fused) == len(
+        interpreter_launches)
     assert_close_rel(y, expected, TOL[torch.float32], tv_cls.__name__)
     # The exact zeros of the reference's ReLUs (not the channels of B's and D's pool-only branch).
     assert_relu_zero_pattern(y, decisions.pre_activation(expected), TOL[torch.float32], tv_cls.__name__)
@@ -67,7 +68,7 @@ def test_whole_network_at_75x75(v3_models, device):
         ref.float()
         with count_launches() as n, count_torch_kernels() as kernels:
             logits = fused(x.to(device))
-    assert n.value == 47
+    assert n.value == 47 + split_launches(fused)  # (split K's reductions at this small input)
     assert kernels.value == 5, kernels.names
     assert_close_rel(logits, expected, 5 * TOL[torch.float32], "logits")
     assert expected.std() > 0.1 * expected.abs().max()

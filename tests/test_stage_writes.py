@@ -80,7 +80,14 @@ LAYOUTS = [
     (residual, (16, 8, 16, 24), (7, 5)),
     (stem, (3, 13, 7, 5), (11, 9)),
     (stem, (1, 16, 8, 24), (11, 9)),
+    # Split K (few programs; kconv.split_counts): the merged 1x1s of 523 or 520 channels (17
+    # iterations of fp32 chunks) and the 3x3s of 37 or 40 (18): K slices, then a reduction launch
+    # writing `out` and `mid` (the 1x1s' columns split between them), the residual's 3x3 too.
+    (googlenet_like, (523, 7, 37, 11, 3, 9, 6), (7, 5)),
+    (googlenet_like, (520, 8, 40, 24, 16, 8, 8), (7, 5)),
+    (residual, (16, 8, 40, 24), (7, 5)),
 ]
+SPLITTING = {(523, 7, 37, 11, 3, 9, 6): 2, (520, 8, 40, 24, 16, 8, 8): 2, (16, 8, 40, 24): 1}  # stages that split
 # (batch, out's memory format; `mid` is always NHWC): 1 image (one pixel tile), 2 images NHWC and 3
 # images (tiles straddling images); the multiples of 8 with 2 images only.
 CASES = [(layout, channels, size, batch, memory_format)
@@ -127,6 +134,7 @@ def test_each_stage_writes_exactly_its_slices(layout, channels, size, batch, mem
         buffers[BUF_MID] = mid.fill_(float("nan"))
     xk = padded_input(x, plan.pad_to, plan.zero)  # (a stem's input, as Plan.run pads it)
     launches = [kconv.StageLaunch(s.spec, s.table, s.ncols, s.depth, xk, out, mid) for s in plan.stages]
+    assert sum(launch.finish is not None for launch in launches) == SPLITTING.get(channels, 0)
     for i, (launch, problems) in enumerate(zip(launches, plan.layout.stages)):
         before = {buf: t.clone() for buf, t in buffers.items()}
         with torch.no_grad():

@@ -43,7 +43,7 @@ from torch import nn
 import torch.nn.functional as F
 import torchvision
 
-from conftest import DEVICE, least_shifts
+from conftest import DEVICE, least_shifts, split_launches
 from fused_inception import count_launches, program
 from fused_inception.models import googlenet
 
@@ -97,7 +97,8 @@ def test_three_sgd_steps_float64_follow_torchvision(monkeypatch):
     losses, launches = train(fused, data)
     # Per step: 3 stem conv units x (2 forward + 2 backward) + 9 blocks x (4 forward + 5 backward);
     # the aux heads' conv units are torchvision's BasicConv2d (eager), as in torchvision's GoogLeNet.
-    assert launches == [3 * 4 + 9 * 9] * STEPS
+    # (+ split K's reductions: the small maps' stages have few programs)
+    assert launches == [3 * 4 + 9 * 9 + split_launches(fused)] * STEPS
     assert losses == pytest.approx(ref_losses, rel=1e-10)
     expected, actual = states(reference, fused)
     for key, value in expected.items():
