@@ -112,6 +112,7 @@ def _label(kernel, consts, config):
             f = dict(zip(kconv.SPEC_FIELDS, spec))
             tile = f"/n{f['tn']}" if f["tn"] < 128 and f["kind"] != kconv.KIND_POOL else ""  # (its own N tile)
             tile += f"/k{f['ks']}" if f["ks"] > 1 else ""  # (split K: its slices)
+            tile += f"/c{f['tk']}" if f["tk"] else ""  # (its K chunk cap)
             problems.append(f"{_problem_name(f)}@{f['align']}{tile}")
         name += "[" + ",".join(problems) + "]" + (" train" if consts.get("TRAIN") else "")
     elif "PARTS" in consts:
@@ -443,11 +444,13 @@ SASS_HEAD = ["kernel", "regs", "programs/SM", "K loop", "instrs/wgmma (ref)", "l
              "verdict"]
 
 
-def _reference(compiled, loop=None):
-    """The reference instructions per wgmma of a stage kernel's loop: a plain implicit-GEMM conv
-    compiled with its tile and dtype (fused_inception.reference); None for other kernels. A
-    problem narrower than the config's BLOCK_N (kconv spec field `tn`) computes a narrower tile:
-    its loop's wgmma work per iteration says how wide (`loop`: a sass.Loop)."""
+def references(compiled, loops):
+    """Per K loop of a compiled stage kernel (sass.Loop, in code order), the reference instructions
+    per wgmma: a plain implicit-GEMM conv compiled with that loop's tile and dtype
+    (fused_inception.reference); None for other kernels. A problem's tile is its own (kconv spec
+    fields tn, tk: an N tile and K chunk within the config's), and problems and their loops come in
+    the same order: each loop takes the next problem whose wgmma work per iteration is the loop's
+    (a padded stem that fits one K chunk has no loop), else the config's tile."""
     import triton
 
     from fused_inception import reference
@@ -455,14 +458,41 @@ def _reference(compiled, loop=None):
     meta = compiled.fused_inception_meta
     config = meta.get("config")
     if meta["dtype"] not in ("bf16", "fp16", "fp32") or config is None or "BLOCK_M" not in config.kwargs:
-        return None
+        return [None] * len(loops)
     k = config.kwargs
-    if loop is not None and loop.mma:  # the loop's tile width, from its wgmma work per iteration
-        block_k = k["BLOCK_K"] // 2 if meta["dtype"] == "fp32" else k["BLOCK_K"]
-        n = round(loop.mma * 64 * 128 * 16 / (k["BLOCK_M"] * block_k))
-        if n < k["BLOCK_N"]:
-            config = triton.Config(dict(k, BLOCK_N=n), num_warps=config.num_warps, num_stages=config.num_stages)
-    return reference.per_mma(config, meta["dtype"])
+    fp32 = meta["dtype"] == "fp32"
+    block_k = k["BLOCK_K"] // 2 if fp32 else k["BLOCK_K"]
+    tiles = []  # (N tile, K chunk) of each problem with a wgmma loop, in order
+    for spec in meta.get("SPEC", ()):
+        kind = kconv.spec_field(spec, "kind")
+        n = min(k["BLOCK_N"], kconv.spec_field(spec, "tn"))
+        if kind == kconv.KIND_GEMM:
+            tiles.append((n, kconv.k_chunk(spec, fp32, k["BLOCK_K"])))
+        elif kind == kconv.KIND_GEMM_TAPS:
+            tiles.append((n, block_k))
+        elif kind == kconv.KIND_POOLED_GEMM:
+            tiles.append((n, block_k // 4))
+
+    def per_mma(n, chunk):  # (the reference halves BLOCK_K for fp32, as the stage kernel does)
+        kw = dict(k, BLOCK_N=n, BLOCK_K=chunk * 2 if fp32 else chunk)
+        return reference.per_mma(triton.Config(kw, num_warps=config.num_warps, num_stages=config.num_stages),
+                                 meta["dtype"])
+
+    groups = config.num_warps // 4  # (a loop's wgmma work is one warp group's share of the tile)
+    out, j = [], 0
+    for loop in loops:
+        if not loop.mma:
+            out.append(per_mma(k["BLOCK_N"], block_k))
+            continue
+        work = loop.mma * 64 * 128 * 16 * groups
+        match = next((i for i in range(j, len(tiles)) if abs(k["BLOCK_M"] * tiles[i][0] * tiles[i][1] - work) < 512),
+                     None)
+        if match is None:
+            out.append(per_mma(min(k["BLOCK_N"], max(16, round(work / (k["BLOCK_M"] * block_k)))), block_k))
+        else:
+            out.append(per_mma(*tiles[match]))
+            j = match + 1
+    return out
 
 
 def _sass_kernel_rows(label, compiled, code):
@@ -475,8 +505,7 @@ def _sass_kernel_rows(label, compiled, code):
         verdict = "no wgmma K loop" if _expects_wgmma(compiled.fused_inception_meta) else "ok (no K loop)"
         return [head + f" - | - | - | - | - | - | {verdict} |"]
     rows = []
-    for loop in code.loops:
-        ref = _reference(compiled, loop)
+    for loop, ref in zip(code.loops, references(compiled, code.loops)):
         defects = [d.split(": ", 1)[1] for d in sass.loop_defects([loop], ref)]
         narrow = f" ({loop.ldgsts - loop.ldgsts_16} narrower than 16 B)" if loop.ldgsts_16 < loop.ldgsts else ""
         rows.append(head + f" {loop.start:#x} | {loop.per_mma}{f' ({ref})' if ref else ''} | {loop.ldgsts}{narrow} | "

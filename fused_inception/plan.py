@@ -132,6 +132,35 @@ def n_tile(ncols):
     return 32
 
 
+# The smallest weight tile (N tile x K chunk, elements) of a convolution: 4 warps copy it in 16-byte
+# pieces, one per thread, when it has 128 x 8 elements of 16 bits (fp32 chunks are half as deep
+# and twice as wide in bytes); 8 warps need twice that (kconv.configs_for keeps a stage with a
+# smaller tile on 4 warps).
+MIN_WEIGHT_TILE = 1024
+
+
+def gemm_tiles(cin, ncols):
+    """(tn, tk) of a convolution (KIND_GEMM) of `cin` input channels and `ncols` columns: the
+    widest N tile (128, 64, 32, 16) and K chunk cap (0: the config's 64; 32, 16), of at least
+    MIN_WEIGHT_TILE elements, whose padding of columns times channels is at most N_TILE_SLACK
+    (tile area first, then the N tile that pads less, then the wider), else the least padding: 128 x 32 for a 3x3 96->128
+    (exact), 64 x 64 for a 1x1 528->448 (1.09x; 128-wide tiles would pad the columns by 1.14x on
+    top), 64 x 16 for a 3x3 144->288, 16 x 64 for a 1x1 64->80. Config tiles narrower or
+    shallower than these only pad less (powers of two)."""
+    best = None
+    for tn in (128, 64, 32, 16):
+        for tk, chunk in ((0, 64), (32, 32), (16, 16)):
+            if tn * chunk < MIN_WEIGHT_TILE:
+                continue
+            pad_n = -(-ncols // tn) * tn / ncols
+            pad = pad_n * (-(-cin // chunk) * chunk / cin)
+            over = pad > N_TILE_SLACK + 1e-9
+            key = (over, pad if over else 0.0, -tn * chunk, pad_n, -tn)
+            if best is None or key < best[0]:
+                best = (key, tn, tk)
+    return best[1], best[2]
+
+
 def problem_spec(row, channels, walign):
     """The kernel's compile-time description of a problem (kconv.problem_spec) from its row.
 
@@ -156,12 +185,15 @@ def problem_spec(row, channels, walign):
         kind = kconv.KIND_GEMM_FLAT
     else:
         kind = kconv.KIND_GEMM
+    tiles = dict(tn=n_tile(row["ncols"]), tk=0)
+    if kind == kconv.KIND_GEMM:
+        tiles = dict(zip(("tn", "tk"), gemm_tiles(row["cin"], row["ncols"])))
     return kconv.problem_spec(
         kind=kind, src=row["src"], dst0=row["dst0"], dst1=row["dst1"], split=split, kh=row["kh"], kw=row["kw"],
         sh=row["sh"], sw=row["sw"], ph=row["ph"], pw=row["pw"], pool=row["pool"], pkh=row["pkh"], pkw=row["pkw"],
         psh=row["psh"], psw=row["psw"], pph=row["pph"], ppw=row["ppw"], res=row["res"], act=row["act"],
         slope=row["slope"], bn=row["bn"], align=power_of_two_dividing(*touched), walign=walign,
-        dalign=power_of_two_dividing(*written), tn=n_tile(row["ncols"]))
+        dalign=power_of_two_dividing(*written), **tiles)
 
 
 @dataclass(frozen=True)

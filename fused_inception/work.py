@@ -2,7 +2,7 @@
 
 From the launches a forward records (codegen.record_launches) and the kernel's tiling rules
 (kernels/conv.py: a problem's K loop runs over taps x channel chunks of BLOCK_K, half of it for
-fp32; a padded stem's over chunks of BLOCK_K // TAP_CHANNELS taps; a few-channel convolution
+fp32, capped by the problem's own chunk (spec field tk); a padded stem's over chunks of BLOCK_K // TAP_CHANNELS taps; a few-channel convolution
 flattens K in quarter chunks; a 1x1 of a strided pool loads quarter chunks too), per launch and
 autotune config:
 
@@ -62,15 +62,16 @@ def tile_work(problems, config, batch, fp32=False):
     ks = kconv.split_counts([p[7] for p in problems], [batch * p[5] for p in problems], [p[4] for p in problems],
                             [p[3] for p in problems], fp32)
     programs = longest = useful = issued = 0
-    for (kind, kh, kw, cin, ncols, hw, tn, _), slices in zip(problems, ks):
+    for (kind, kh, kw, cin, ncols, hw, tn, spec), slices in zip(problems, ks):
         m = batch * hw
         bn_p = min(bn, tn)  # (the problem's N tile)
         tiles_m, tiles_n = _cdiv(m, bm), _cdiv(ncols, bn_p)
         programs += tiles_m * tiles_n * slices
         if kind == kconv.KIND_POOL:
             continue
-        if kind == kconv.KIND_GEMM:
-            k, iters, chunk = kh * kw * cin, kh * kw * _cdiv(cin, bk), bk
+        if kind == kconv.KIND_GEMM:  # (chunks of the config's K chunk, capped by the problem's tk)
+            chunk = kconv.k_chunk(spec, fp32, config.kwargs["BLOCK_K"])
+            k, iters = kh * kw * cin, kh * kw * _cdiv(cin, chunk)
         elif kind == kconv.KIND_GEMM_TAPS:  # chunks of BLOCK_K // TAP_CHANNELS taps
             k, iters, chunk = kh * kw * cin, _cdiv(kh * kw * kconv.TAP_CHANNELS, bk), bk
         elif kind == kconv.KIND_GEMM_FLAT:

@@ -38,7 +38,10 @@ alignment. So a stage is described twice:
   buffers it reads and writes, kernel size, stride, padding, pool, residual, activation, and `align`,
   a power of two that divides every channel count, channel offset and channel-last row pitch
   the problem touches (8 for every Inception network: their channel counts are multiples of 8),
-  and `tn`, the widest N tile the problem takes (its programs are min(BLOCK_N, tn) columns wide).
+  `tn` and `tk`, the widest N tile and deepest K chunk the problem takes (its programs are
+  min(BLOCK_N, tn) columns wide and a convolution's chunks min(BLOCK_K, tk) deep: a 96-channel 3x3
+  runs chunks of 32, not of 64 a third of them padding; fused_inception.plan.gemm_tiles picks
+  them), and `ks`, its K slices (split K, below).
   The kernel unrolls a branch per problem (`tl.static_range`), each with one flat K loop over
   (tap, channel chunk) whose loads sit directly in the loop body;
 - its *table*, an int32 row per problem on the device (`TABLE_FIELDS`): channel counts and
@@ -50,6 +53,13 @@ Weights are packed by the plan as one [ncols, K] matrix per problem, K contiguou
 (tap, input channel) (nn.Conv2d's weight in channels_last order): the K-major operand wgmma
 reads natively, fp32 (TF32) included. Loads are masked on pixels (padding), channels
 (`c < cin`) and columns.
+
+Split K. A stage launch of few programs (batch 1: GoogLeNet's 7x7 blocks have 4-12) leaves most
+SMs idle while each program runs a long K loop. StageLaunch then splits the long convolutions
+(split_counts): each runs ks programs per tile over slices of its K loop and stores fp32 partial
+sums to a workspace, and a second launch of this kernel, whose problems are KIND_REDUCE (the split
+ones) and KIND_SKIP (the others), adds each tile's ks partial sums in slice order and runs the
+epilogue. The reduction's order is fixed: results are the same bits run to run (no atomics).
 
 Addresses are int32 unless a buffer has 2**31 elements or more (then int64: `INT64`).
 """
@@ -140,11 +150,13 @@ SPEC_FIELDS = (
     "tn",  # the widest N tile the problem takes (a power of two, 16-128): its programs are
     # min(BLOCK_N, tn) columns wide, so that a 32-column conv doesn't compute a 128-wide tile
     "ks",  # split K: the K slices (programs per tile) of a KIND_GEMM or KIND_REDUCE problem, 1: not split
+    "tk",  # KIND_GEMM: the deepest K chunk the problem takes (32 or 16; 0: the config's), so that a
+    # 96-channel conv runs 3 chunks of 32 rather than 2 of 64 (a third of them padding)
 )
 I_KIND, I_SRC, I_DST0, I_DST1, I_SPLIT = (tl.constexpr(i) for i in range(5))
 I_KH, I_KW, I_SH, I_SW, I_PH, I_PW = (tl.constexpr(i) for i in range(5, 11))
 I_POOL, I_PKH, I_PKW, I_PSH, I_PSW, I_PPH, I_PPW = (tl.constexpr(i) for i in range(11, 18))
-I_RES, I_ACT, I_SLOPE, I_BN, I_ALIGN, I_WALIGN, I_DALIGN, I_TN, I_KS = (tl.constexpr(i) for i in range(18, 27))
+I_RES, I_ACT, I_SLOPE, I_BN, I_ALIGN, I_WALIGN, I_DALIGN, I_TN, I_KS, I_TK = (tl.constexpr(i) for i in range(18, 28))
 
 # The runtime fields of a problem: one int32 row of the stage's table.
 TABLE_FIELDS = ("cin", "ncols", "src_c", "split", "dst0_c", "dst1_c", "w_off", "w_ld", "ss_off", "res_c")
@@ -158,13 +170,13 @@ W_ALIGN = 8
 
 def problem_spec(kind=KIND_GEMM, src=BUF_X, dst0=BUF_OUT, dst1=None, split=0, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0,
                  pool=POOL_NONE, pkh=1, pkw=1, psh=1, psw=1, pph=0, ppw=0, res=0, act=ACT_NONE, slope=0.0, bn=0,
-                 align=1, walign=1, dalign=None, tn=128, ks=1):
+                 align=1, walign=1, dalign=None, tn=128, ks=1, tk=0):
     """A ProblemSpec: the tuple of SPEC_FIELDS (ints; `slope` a float), hashable and passed as a
     constexpr."""
     return (int(kind), int(src), int(dst0), int(dst0 if dst1 is None else dst1), int(split), int(kh), int(kw),
             int(sh), int(sw), int(ph), int(pw), int(pool), int(pkh), int(pkw), int(psh), int(psw), int(pph),
             int(ppw), int(res), int(act), float(slope), int(bn), int(align), int(walign),
-            int(align if dalign is None else dalign), int(tn), int(ks))
+            int(align if dalign is None else dalign), int(tn), int(ks), int(tk))
 
 
 def spec_field(spec, name):
@@ -390,7 +402,9 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
     else:
         # The K chunk: BLOCK_K for 16-bit operands, half of it for fp32 (same bytes per tile).
         # (Inline: Triton 3.6 returns a tensor, not a constexpr, from a jit helper.)
-        BK: tl.constexpr = BLOCK_K // 2 if dtype.primitive_bitwidth > 16 else BLOCK_K
+        # A KIND_GEMM problem may cap it (spec field tk: a 96-channel conv takes chunks of 32).
+        BK0: tl.constexpr = BLOCK_K // 2 if dtype.primitive_bitwidth > 16 else BLOCK_K
+        BK: tl.constexpr = min(BK0, S[I_TK]) if KIND == 0 and S[I_TK] > 0 else BK0
         offs_k = tl.arange(0, BK)
         w_off = tl.multiple_of(tl.load(row + T_W_OFF), WALIGN)
         w_ld = tl.multiple_of(tl.load(row + T_W_LD), WALIGN)
@@ -671,9 +685,14 @@ def configs_for(spec, dtype=None, training=False):
       alone): its pooled tiles beside the accumulator spill (4-184 bytes in Inception v3's,
       compiled for sm_90: fused_inception.codegen);
     - in fp32, not BLOCK_N 128 for a stage with a residual (Inception-ResNet's up-projection):
-      the fp32 residual tile beside the accumulator spills (8-16 bytes)."""
+      the fp32 residual tile beside the accumulator spills (8-16 bytes);
+    - 4 warps only for a stage with a convolution whose weight tile (N tile x K chunk, spec
+      fields tn and tk) has fewer than 2048 elements (64 x 16, 32 x 32, 16 x 64): 8 warps' copies
+      of it would be narrower than 16 bytes."""
     kinds = {spec_field(p, "kind") for p in spec}
     configs = CONFIGS
+    if any(spec_field(p, "kind") == KIND_GEMM and min(128, spec_field(p, "tn")) * k_chunk(p) < 2048 for p in spec):
+        configs = [c for c in configs if c.num_warps == 4]
     if KIND_GEMM_FLAT in kinds:
         return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
     if KIND_GEMM_TAPS in kinds:  # (a stem: 32 or 64 output channels, a 128-wide tile half padding)
@@ -983,8 +1002,9 @@ class CachedLaunch:
 
 # Split K (issue 20, batch 1): a stage launch that gives an H100 fewer programs than half its 132
 # SMs under the largest tile splits the K loop of each convolution that runs more than
-# SPLIT_ITERATIONS iterations into slices of about SPLIT_SLICE (their partial sums reduced in
-# order by a second launch: KIND_REDUCE). Larger launches fill the GPU with tiles alone.
+# SPLIT_ITERATIONS iterations into a power of two of slices of at most SPLIT_SLICE (their partial
+# sums reduced in order by a second launch: KIND_REDUCE). Larger launches fill the GPU with tiles
+# alone.
 SPLIT_PROGRAMS = 66
 SPLIT_ITERATIONS = 16
 SPLIT_SLICE = 8
@@ -992,32 +1012,53 @@ SPLIT_SLICE = 8
 REDUCE_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
 
 
+def k_chunk(spec, fp32=False, block_k=64):
+    """The K chunk of a KIND_GEMM problem (spec) under a config's BLOCK_K: half of it for fp32
+    operands, capped by the problem's tk."""
+    bk = block_k // 2 if fp32 else block_k
+    tk = spec_field(spec, "tk")
+    return min(bk, tk) if tk else bk
+
+
 def k_iterations(spec, cin, fp32=False, block_k=64):
     """The K loop's iterations of a KIND_GEMM problem (spec) of `cin` input channels (a tap's
-    channels in chunks of the K chunk: BLOCK_K, half of it for fp32 operands)."""
-    bk = block_k // 2 if fp32 else block_k
-    return spec_field(spec, "kh") * spec_field(spec, "kw") * -(-cin // bk)
+    channels in chunks of k_chunk)."""
+    return spec_field(spec, "kh") * spec_field(spec, "kw") * -(-cin // k_chunk(spec, fp32, block_k))
 
 
 def split_counts(spec, sizes, ncols, cins, fp32=False):
     """Per problem of a stage, its K slices (spec field ks): 1 unless the launch has fewer than
     SPLIT_PROGRAMS programs under the largest config (128x128 tiles: every config gives at least
     as many) and the problem is a convolution (KIND_GEMM) of more than SPLIT_ITERATIONS K
-    iterations; then ceil(iterations / SPLIT_SLICE). sizes: output pixels (batch x H x W) per
-    problem; cins: its input channels."""
+    iterations; then ceil(iterations / SPLIT_SLICE) rounded up to a power of two (the count is a
+    compile-time constant of both launches: fewer distinct kernels). sizes: output pixels
+    (batch x H x W) per problem; cins: its input channels."""
     programs = sum(-(-m // 128) * -(-n // min(128, spec_field(p, "tn"))) for p, m, n in zip(spec, sizes, ncols))
     if programs >= SPLIT_PROGRAMS:
         return (1,) * len(spec)
     counts = []
     for p, cin in zip(spec, cins):
         iters = k_iterations(p, cin, fp32) if spec_field(p, "kind") == KIND_GEMM else 0
-        counts.append(-(-iters // SPLIT_SLICE) if iters > SPLIT_ITERATIONS else 1)
+        counts.append(1 << (-(-iters // SPLIT_SLICE) - 1).bit_length() if iters > SPLIT_ITERATIONS else 1)
     return tuple(counts)
 
 
 def _with_field(spec, name, value):
     i = SPEC_FIELDS.index(name)
     return spec[:i] + (value,) + spec[i + 1:]
+
+
+_SKIP = problem_spec(kind=KIND_SKIP)  # (a KIND_SKIP problem's other fields are never read)
+
+
+def _reduction(spec):
+    """The KIND_REDUCE problem that finishes split problem `spec`: its epilogue's fields (outputs,
+    residual, activation, statistics, alignments, slices) kept, its convolution's and its N tile
+    dropped (the reduction's tiles are REDUCE_CONFIG's), so that split problems of one epilogue
+    share the reduction kernel."""
+    f = dict(zip(SPEC_FIELDS, spec))
+    return problem_spec(kind=KIND_REDUCE, dst0=f["dst0"], dst1=f["dst1"], split=f["split"], res=f["res"],
+                        act=f["act"], slope=f["slope"], bn=f["bn"], align=f["align"], dalign=f["dalign"], ks=f["ks"])
 
 
 class StageLaunch(CachedLaunch):
@@ -1054,8 +1095,7 @@ class StageLaunch(CachedLaunch):
                 spec = tuple(_with_field(p, "ks", k) for p, k in zip(spec, ks))
                 self.part_numel = sum(k * m * n for k, m, n in zip(ks, sizes, ncols) if k > 1)
                 assert self.part_numel < 2**31  # (int32 offsets: splits only happen for small M)
-                finish = tuple(_with_field(p, "kind", KIND_REDUCE) if k > 1 else _with_field(p, "kind", KIND_SKIP)
-                               for p, k in zip(spec, ks))
+                finish = tuple(_reduction(p) if k > 1 else _SKIP for p, k in zip(spec, ks))
                 self.finish = StageLaunch(finish, table, ncols, depth, x, out, mid, training, REDUCE_CONFIG, False)
         self.spec, self.table, self.ncols, self.training = spec, table, tuple(ncols), training
         tail = (batch, *(g for t, unit in zip((x, out, mid), units) for g in kernel_geometry(t, unit > 0, unit or 8)),

@@ -5,7 +5,9 @@ every kernel variant under every autotune config with Triton's own compiler and 
 checks the marks (codegen.MARKS): wgmma, pipelined K loops, 16-byte async copies, no spills,
 shared memory that fits; and, read from the machine code (fused_inception.sass), that every K
 loop around a wgmma is lean: no synchronous load, no full wgmma wait, at most 1.3x a plain
-implicit-GEMM conv's instructions per wgmma. The interpreter accepts code the compiler rejects or makes slow, so
+implicit-GEMM conv's instructions per wgmma; the kernels of batch 1 too (split K), where every
+stage launch must have 66 programs or more or at most 16 K iterations per program (issue 20
+item 3). The interpreter accepts code the compiler rejects or makes slow, so
 this is the test that the kernels are fit for a GPU. It runs in a subprocess: this test session
 has TRITON_INTERPRET=1, and the compiler needs it unset.
 """
@@ -50,14 +52,15 @@ print("compiled", len(kernels), "distinct", len(distinct))
 for label, m in misses:
     print("MISS", label, m)
 assert not misses
-assert len(distinct) <= max_kernels, sorted(distinct)
+print("distinct kernels", len(distinct)); assert len(distinct) <= max_kernels, sorted(distinct)
 # Issue 20 item 1, read from the SASS: every K loop around a wgmma has no synchronous global load,
 # no wait for all wgmma per iteration, and at most 1.3x the instructions per 64x128x16 wgmma of a
 # plain implicit-GEMM conv with the same tile and dtype (fused_inception.reference).
 from fused_inception import sass
 with ThreadPoolExecutor(workers) as pool:
     codes = list(pool.map(sass.kernel_code, [c for _, c in kernels]))
-defects = [(label, [d for loop in code.loops for d in sass.loop_defects([loop], codegen._reference(c, loop))])
+defects = [(label, [d for loop, ref in zip(code.loops, codegen.references(c, code.loops))
+                    for d in sass.loop_defects([loop], ref)])
            for (label, c), code in zip(kernels, codes)]
 defects = [(label, d) for label, d in defects if d]
 for label, d in defects:
@@ -86,11 +89,12 @@ print("stage kernels with a wgmma:", sum(1 for (l, _), s in zip(kernels, stats) 
 
 
 @pytest.mark.parametrize("model,dtype,mode,max_kernels", [
-    # (the bounds: distinct kernels, a problem's own N tile (spec field tn) included, so that a
-    # change that specialises more shows here and in the README's table)
-    ("googlenet", "bf16", "eval", 12),  # stem conv1, conv2, conv3; the blocks' stage kernels by N tiles
-    ("inception_v3", "bf16", "eval", 24),
-    ("googlenet", "bf16", "train", 22),  # stage kernels with statistics, BatchNorm apply and backward
+    # (the bounds: distinct kernels at batch 32 and at batch 1 together, a problem's own tiles
+    # (spec fields tn, tk) and split K (ks; the reductions) included, so that a change that
+    # specialises more shows here and in the README's table)
+    ("googlenet", "bf16", "eval", 23),  # 14 at batch 32; 9 more at batch 1: split stages and reductions
+    ("inception_v3", "bf16", "eval", 55),  # 29 + 26
+    ("googlenet", "bf16", "train", 26),  # stage kernels with statistics, BatchNorm apply and backward
 ], ids=lambda v: str(v))
 def test_kernels_meet_the_hopper_marks(model, dtype, mode, max_kernels):
     try:

@@ -8,7 +8,8 @@ from torch import nn
 import torch.nn.functional as F
 import torchvision
 
-from conftest import TOL, Decisions, SequentialNoBN, assert_close_rel, keep_relu_inputs_off_zero_, randomize_
+from conftest import (TOL, Decisions, SequentialNoBN, assert_close_rel, keep_relu_inputs_off_zero_, randomize_,
+                      split_launches)
 from fused_inception import FusedGraphBlock, count_launches, fuse
 from test_training import check_training_parity
 
@@ -255,7 +256,7 @@ def test_fuse_torchvision_networks(name, builder, size, blocks, units, launches,
         with count_launches() as n:
             y = model(x.to(device))
         expected = reference.double()(x.double())
-    assert n.value == launches
+    assert n.value == launches + split_launches(model)  # (+ split K's reductions at batch 1)
     assert_close_rel(y, expected, 5 * TOL[torch.float32], name)
 
 

@@ -20,18 +20,21 @@ def spec_of(kind=kconv.KIND_GEMM, k=3, tn=128):
 
 def test_the_rule():
     """Split only where the launch has fewer than 66 programs under 128x128 tiles, and only the
-    convolutions (KIND_GEMM) of more than 16 K iterations (64-deep chunks, 32 for fp32), into
-    slices of at most 8 iterations."""
+    convolutions (KIND_GEMM) of more than 16 K iterations (64-deep chunks, 32 for fp32), into a
+    power of two of slices of at most 8 iterations."""
     three, one = spec_of(), spec_of(k=1)
     # a 3x3 of 96 channels (18 iterations) and a 1x1 of 192 (3) on a 7x7 map: 1 + 1 programs
-    assert kconv.split_counts((three, one), (49, 49), (128, 128), (96, 192)) == (3, 1)
+    assert kconv.split_counts((three, one), (49, 49), (128, 128), (96, 192)) == (4, 1)
     assert kconv.split_counts((three, one), (49, 49), (128, 128), (96, 192), fp32=True) == (4, 1)  # 27 iterations
     assert kconv.split_counts((three,), (49,), (128,), (64,)) == (1,)  # 9 iterations: short enough
-    assert kconv.split_counts((one,), (49,), (128,), (1040,)) == (3,)  # a 1x1 of 17 chunks
+    assert kconv.split_counts((one,), (49,), (128,), (1040,)) == (4,)  # a 1x1 of 17 chunks
+    assert kconv.split_counts((three,), (49,), (128,), (320,)) == (8,)  # 45 iterations
     # 66 programs or more: nothing split, however long
     assert kconv.split_counts((three,), (128 * 66, ), (128,), (832,)) == (1,)
-    assert kconv.split_counts((three,), (128 * 65, ), (128,), (832,)) == (15,)
+    assert kconv.split_counts((three,), (128 * 65, ), (128,), (832,)) == (16,)  # 117 iterations
     # N tiles count with the problem's own width (tn): 32-wide tiles of 256 columns are 8 programs
+    # (and its K chunk, tk: 832 channels in chunks of 16 are 52 per tap)
+    assert kconv.split_counts((kconv.problem_spec(tk=16),), (49,), (128,), (832,)) == (8,)
     assert kconv.split_counts((spec_of(tn=32),), (128 * 9,), (256,), (832,)) == (1,)
     # the padded stem and pools are never split
     taps = spec_of(kind=kconv.KIND_GEMM_TAPS, k=7)
@@ -72,7 +75,7 @@ def direct_stage(dtype, memory_format, batch=1):
                                                  (torch.float16, torch.channels_last)], ids=["fp32", "bf16_cl", "fp16_cl"])
 def test_split_stage_matches_float64_and_repeats_bitwise(dtype, memory_format):
     launch, args, expected = direct_stage(dtype, memory_format)
-    assert [kconv.spec_field(p, "ks") for p in launch.spec] == [3 if dtype != torch.float32 else 4, 1]
+    assert [kconv.spec_field(p, "ks") for p in launch.spec] == [4, 1]  # (18 or, in fp32, 27 iterations)
     assert launch.finish is not None
     assert [kconv.spec_field(p, "kind") for p in launch.finish.spec] == [kconv.KIND_REDUCE, kconv.KIND_SKIP]
     out = args[4]
@@ -97,9 +100,9 @@ def test_not_split_at_a_larger_batch():
 
 def test_googlenet_block_at_batch_1_splits_and_matches_torchvision():
     """inception4e at 7x7 and batch 1 (its size in GoogLeNet at 224x224), bf16: stage 2's 3x3s
-    (160 and 32 input channels: 27 and 9 iterations) and the pool branch's 1x1 (528: 9) make
-    3 + 1 + 1 programs; the 160-channel one splits into 4 slices. Stage 1 (1x1s of 528 channels)
-    is not split."""
+    (160 input channels in chunks of 32: 45 iterations; 32: 9) and the pool branch's 1x1 (528: 9)
+    make 5 + 1 + 1 programs; the 160-channel one splits into 8 slices. Stage 1 (1x1s of 528
+    channels) is not split."""
     args = (528, 256, 160, 320, 32, 128, 128)
     ref = randomize_(Inception(*args), 4).eval()
     fused = FusedInception(*args).eval()
@@ -112,7 +115,7 @@ def test_googlenet_block_at_batch_1_splits_and_matches_torchvision():
     assert split_launches(fused) == 1 and n.value == 3
     stage2 = next(launch for launch in fused.plan().launches() if launch.finish is not None)
     assert sorted(kconv.spec_field(p, "ks") for p in stage2.spec if kconv.spec_field(p, "kind") == kconv.KIND_GEMM) == [
-        1, 1, 4]
+        1, 1, 8]
     assert_close_rel(y, expected, TOL[torch.bfloat16], "inception4e at batch 1")
 
 
