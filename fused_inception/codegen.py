@@ -246,7 +246,7 @@ def compile_jobs(jobs, target=HOPPER, workers=1):
     return len(jobs)
 
 
-def compile_kernels(model, x, target=HOPPER, workers=1):
+def compile_kernels(model, x, target=HOPPER, workers=1, launches=None):
     """Every kernel variant a forward of `model` on `x` would launch on an sm_90 GPU (eval; or in
     train() the training forward and backward), under every autotune config, compiled as the
     JIT would: a list of (label, triton CompiledKernel), one per distinct variant and config.
@@ -256,11 +256,13 @@ def compile_kernels(model, x, target=HOPPER, workers=1):
     inputs give the channels_last variants). Autocast (CPU) applies as usual. `workers` > 1
     compiles in that many processes first (they fill Triton's cache; the kernels are then read
     from it). The kernels land in Triton's cache (TRITON_CACHE_DIR), where the JIT of a GPU
-    process with the same Triton finds them: this is also a parallel warm-up."""
+    process with the same Triton finds them: this is also a parallel warm-up. `launches`: the
+    forward's launches if the caller recorded them already (record_launches(model, x)), so that
+    they are not recorded again."""
     if kconv.INTERPRETING:
         raise RuntimeError("fused_inception.codegen needs Triton's compiler: unset TRITON_INTERPRET before "
                            "importing fused_inception")
-    jobs = jobs_of(record_launches(model, x), target)
+    jobs = jobs_of(record_launches(model, x) if launches is None else launches, target)
     if workers > 1:
         compile_jobs(jobs, target, workers)
     out = []

@@ -185,15 +185,13 @@ def problem_spec(row, channels, walign):
         kind = kconv.KIND_GEMM_FLAT
     else:
         kind = kconv.KIND_GEMM
-    tiles = dict(tn=n_tile(row["ncols"]), tk=0)
-    if kind == kconv.KIND_GEMM:
-        tiles = dict(zip(("tn", "tk"), gemm_tiles(row["cin"], row["ncols"])))
+    tn, tk = gemm_tiles(row["cin"], row["ncols"]) if kind == kconv.KIND_GEMM else (n_tile(row["ncols"]), 0)
     return kconv.problem_spec(
         kind=kind, src=row["src"], dst0=row["dst0"], dst1=row["dst1"], split=split, kh=row["kh"], kw=row["kw"],
         sh=row["sh"], sw=row["sw"], ph=row["ph"], pw=row["pw"], pool=row["pool"], pkh=row["pkh"], pkw=row["pkw"],
         psh=row["psh"], psw=row["psw"], pph=row["pph"], ppw=row["ppw"], res=row["res"], act=row["act"],
         slope=row["slope"], bn=row["bn"], align=power_of_two_dividing(*touched), walign=walign,
-        dalign=power_of_two_dividing(*written), **tiles)
+        dalign=power_of_two_dividing(*written), tn=tn, tk=tk)
 
 
 @dataclass(frozen=True)

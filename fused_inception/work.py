@@ -49,7 +49,7 @@ def problems_of(args, consts, in_channels=None):
         if f["kind"] == kconv.KIND_GEMM_TAPS and in_channels is not None:
             cin = min(cin, in_channels)
         out.append((f["kind"], f["kh"], f["kw"], cin, row[_FIELD["ncols"]],
-                    o_hw if f["dst0"] == kconv.BUF_OUT else m_hw, f["tn"], kconv._with_field(spec, "ks", 1)))
+                    o_hw if f["dst0"] == kconv.BUF_OUT else m_hw, f["tn"], kconv.with_field(spec, "ks", 1)))
     return out
 
 

@@ -183,6 +183,12 @@ def spec_field(spec, name):
     return spec[SPEC_FIELDS.index(name)]
 
 
+def with_field(spec, name, value):
+    """ProblemSpec `spec` with field `name` set to `value`."""
+    i = SPEC_FIELDS.index(name)
+    return spec[:i] + (value,) + spec[i + 1:]
+
+
 # ----------------------------------------------------------------------------------------------
 # Device code
 
@@ -1037,11 +1043,6 @@ def split_counts(spec, sizes, ncols, cins, fp32=False):
     return tuple(counts)
 
 
-def _with_field(spec, name, value):
-    i = SPEC_FIELDS.index(name)
-    return spec[:i] + (value,) + spec[i + 1:]
-
-
 _SKIP = problem_spec(kind=KIND_SKIP)  # (a KIND_SKIP problem's other fields are never read)
 
 
@@ -1086,7 +1087,7 @@ class StageLaunch(CachedLaunch):
             cins = tuple(d // (spec_field(p, "kh") * spec_field(p, "kw")) for p, d in zip(spec, depth))
             ks = split_counts(spec, sizes, ncols, cins, fp32=dtype.itemsize > 2)
             if max(ks) > 1:
-                spec = tuple(_with_field(p, "ks", k) for p, k in zip(spec, ks))
+                spec = tuple(with_field(p, "ks", k) for p, k in zip(spec, ks))
                 self.part_numel = sum(k * m * n for k, m, n in zip(ks, sizes, ncols) if k > 1)
                 assert self.part_numel < 2**31  # (int32 offsets: splits only happen for small M)
                 finish = tuple(_reduction(p) if k > 1 else _SKIP for p, k in zip(spec, ks))
