@@ -1,7 +1,7 @@
 """Block plans: a block's layout (layout.py) turned into stages of the grouped convolution kernel.
 
 `build_stages` turns a layout into the kernels' stages (specs, problem tables, weight offsets) for a `Packing`: inference (weights padded, BN
-folded into a per-column scale and shift: `build_plan`) or training (the parameters' own
+folded into the weights and a per-column shift: `build_plan`) or training (the parameters' own
 layout, statistics in the kernel: training.build_train_plan). One builder, one launcher
 (kconv.StageLaunch, cached per input shape) for both.
 
@@ -21,25 +21,25 @@ from fused_inception.layout import Layout, ProblemKind, build_layout
 
 
 def folded_scale_shift(node, cout, device):
-    """Per-output-channel fp32 (scale, shift) with act?(bn(conv(x) + bias)) = act?(conv_nobias(x)*scale + shift).
+    """Per-output-channel float64 (scale, shift) with act?(bn(conv(x) + bias)) = act?(conv_nobias(x)*scale + shift).
 
-    The math of torch.nn.utils.fusion.fuse_conv_bn_weights, computed in float64.
+    The math of torch.nn.utils.fusion.fuse_conv_bn_weights, in float64.
     """
     conv, bn = node.conv, node.bn
     bias = torch.zeros(cout, dtype=torch.float64, device=device)
     if conv is not None and conv.bias is not None:
         bias = conv.bias.detach().double()
     if bn is None:
-        return torch.ones(cout, dtype=torch.float32, device=device), bias.float()
+        return torch.ones(cout, dtype=torch.float64, device=device), bias
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(bias)
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(bias)
     scale = gamma * torch.rsqrt(bn.running_var.detach().double() + bn.eps)
     shift = beta + (bias - bn.running_mean.detach().double()) * scale
-    return scale.float(), shift.float()
+    return scale, shift
 
 
 def head_scale_shift(head, device):
-    """((scale, shift) of the up-projection, (scale, shift) of the projection shortcut), fp32,
+    """((scale, shift) of the up-projection, (scale, shift) of the projection shortcut), float64,
     such that the head's result is act?(conv_nobias(cat) * scale + shift + residual) with the
     residual x itself, or conv_nobias(x) * sc_scale + sc_shift for a projection shortcut.
 
@@ -62,8 +62,7 @@ def head_scale_shift(head, device):
         beta = bn.bias.detach().double() if bn.bias is not None else b
         a = gamma * torch.rsqrt(bn.running_var.detach().double() + bn.eps)
         b = beta - bn.running_mean.detach().double() * a
-    up = (a * s).float(), (a * s * bias(head.conv) + b).float()
-    return up, (a.float(), (a * bias(head.shortcut)).float())
+    return (a * s, a * s * bias(head.conv) + b), (a, a * bias(head.shortcut))
 
 
 def power_of_two_dividing(*values, cap=8):
@@ -199,7 +198,7 @@ class Packing:
     """How a plan lays out a block's weights (one vector per block; a problem's weights one
     [ncols, K] matrix with row pitch w_ld, K ordered (tap, input channel)) and what its stages
     compute. Inference pads rows to a multiple of `row_pad` elements (16 bytes of bf16) and
-    folds BatchNorm into the scale and shift; training takes the parameters' own layout (rows
+    folds BatchNorm into the weights and a shift; training takes the parameters' own layout (rows
     of K: what a 1x1 convolution's weight is, viewed) and has the stage kernel sum the batch
     statistics of the problems with BatchNorm (`bn` in their spec: kernels.batchnorm applies
     them)."""
@@ -284,14 +283,14 @@ def build_stages(layout, in_channels, device, packing):
 @dataclass
 class Plan:
     """Everything an inference `forward` needs besides the input: the layout, the stages and the
-    block's weights in kernel layout with BatchNorm folded into a scale and shift per column;
+    block's weights in kernel layout with BatchNorm folded in (its scale into the weights, its
+    shift with the conv bias into `shift`, per column);
     per input shape and layout, the stages' launches (kconv.StageLaunch), worked out on the
     first call with that input."""
 
     layout: Layout
     stages: list
     weight: torch.Tensor
-    scale: torch.Tensor
     shift: torch.Tensor
     pad_to: int = 0  # the channels the input is padded to before the launches (input_padding), or 0
     zero: torch.Tensor = None  # 0-d zero (padded_input)
@@ -320,10 +319,10 @@ class Plan:
         out_alloc, mid_alloc, launches = entry
         out = torch.empty(out_alloc[0], **out_alloc[1])
         mid = out if mid_alloc is None else torch.empty(mid_alloc[0], **mid_alloc[1])
-        weight, scale, shift = self.weight, self.scale, self.shift
+        weight, shift = self.weight, self.shift
         x = padded_input(x, self.pad_to, self.zero)
         for launch in launches:
-            launch(weight, scale, shift, x, out, mid)
+            launch(weight, None, shift, x, out, mid)
         return out
 
     def _prepare(self, x, requested):
@@ -359,7 +358,7 @@ class Plan:
         out = torch.empty(out_alloc[0], **out_alloc[1])
         mid = out if mid_alloc is None else torch.empty(mid_alloc[0], **mid_alloc[1])
         x = padded_input(x, self.pad_to, self.zero)
-        return [lambda launch=launch: launch(self.weight, self.scale, self.shift, x, out, mid)
+        return [lambda launch=launch: launch(self.weight, None, self.shift, x, out, mid)
                 for launch in launches], out, mid
 
     def launches(self):
@@ -384,32 +383,42 @@ def output_memory_format(x):
 
 def build_plan(graph, device, dtype):
     """Build the inference plan for `graph` with weights on `device` in `dtype` (fp32, fp16 or
-    bf16): BatchNorm and conv bias folded into a per-column scale and shift, each problem's
+    bf16): BatchNorm folded into the weights (each output channel's scaled, in float64, then
+    rounded to `dtype`, as torch.nn.utils.fusion.fuse_conv_bn_eval does) and into a per-column
+    fp32 shift with the conv bias (the kernel's accumulator starts from it), each problem's
     weights one [ncols, K] matrix (K ordered (tap, input channel), rows padded to a multiple of
     kconv.W_ALIGN elements) with its convolutions' output channels stacked (INFERENCE packing).
+    The epilogue then holds no per-column scale and shift: 64 registers a thread fewer at
+    128x128 tiles (issue 20's item 4).
 
-    Raises UnsupportedBlock if some node can't go through the stage kernel.
+    Raises UnsupportedBlock if some node can't go through the stage kernel, and OverflowError
+    if a folded weight overflows `dtype` (float16: a BatchNorm scale above 65504 / |weight|).
     """
     layout = build_layout(graph)
     stages, offsets = build_stages(layout, graph.in_channels, device, INFERENCE)
-    weights, scales, shifts = [], [], []
+    weights, shifts = [], []
     problems = [p for stage in stages for p in stage.problems]
     tap_channels = [c for stage in stages for c in stage.tap_channels]
     for p, (_, w_ld), tc in zip(problems, offsets, tap_channels):
-        if p.gemm:
-            # [Cout, Cin, KH, KW] -> [Cout, KH, KW, Cin] -> [Cout, K], stacked along Cout, rows padded.
-            w = torch.cat([kernel_weight(conv.weight.detach(), tc) for conv in p.convs], 0)
-            weights.append(F.pad(w, (0, w_ld - w.shape[1])).to(device=device, dtype=dtype).reshape(-1))
         if p.kind is ProblemKind.BRANCH:
             pieces = [folded_scale_shift(ConvNode(conv, bn), cout, device)
                       for conv, bn, cout in zip(p.convs or (None,) * len(p.couts), p.bns, p.couts)]
         else:
             up, shortcut = head_scale_shift(graph.head, device)
             pieces = [up if p.kind is ProblemKind.HEAD else shortcut]
-        scales += [s for s, _ in pieces]
+        if p.gemm:
+            # [Cout, Cin, KH, KW] -> [Cout, KH, KW, Cin] -> [Cout, K], each row times its channel's
+            # scale, stacked along Cout, rows padded.
+            scale = torch.cat([s for s, _ in pieces]).to(device)
+            w = torch.cat([kernel_weight(conv.weight.detach(), tc) for conv in p.convs], 0).to(device).double()
+            w = w * scale[:, None]
+            if not w.is_meta and torch.isfinite(w).all() and not torch.isfinite(w.to(dtype)).all():
+                raise OverflowError(f"a BatchNorm folded into the weights overflows {dtype} (largest scale "
+                                    f"{scale.abs().max().item():.3g}): run the block in another dtype")
+            w = w.to(dtype)
+            weights.append(F.pad(w, (0, w_ld - w.shape[1])).reshape(-1))
         shifts += [b for _, b in pieces]
     return Plan(layout=layout, stages=stages, pad_to=input_padding(layout, graph.in_channels),
                 zero=torch.zeros((), dtype=dtype, device=device),
                 weight=torch.cat(weights) if weights else torch.zeros(1, dtype=dtype, device=device),
-                scale=torch.cat(scales).to(device=device, dtype=torch.float32),
                 shift=torch.cat(shifts).to(device=device, dtype=torch.float32))

@@ -228,6 +228,8 @@ def build_train_plan(graph, device, dtype, param_dtype):
             member_columns.append((index, j, col + lo, col + lo + cout))
             if bn is not None:
                 bn_columns.append((bn, col + lo, col + lo + cout))
+            # (the stage kernel reads a problem's scale only where it adds a residual: a head's)
+            assert p.scale == 1.0 or p.row["res"] != kconv.RES_NONE
             scale.append(torch.full((cout,), p.scale, dtype=torch.float64))
             eps.append(torch.full((cout,), bn.eps if bn is not None else 1.0, dtype=torch.float64))
             lo += cout

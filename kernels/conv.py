@@ -6,12 +6,18 @@ reads what another writes. Every problem is an implicit GEMM
     M = batch * OH * OW   (output pixels)      N = ncols (output channels)
     K = KH * KW * cin     (filter taps times input channels, tap-major)
 
-    for each output pixel m and output column n:
-        acc = sum over taps (r, s) and channels c of  src[img, oh*SH - PH + r, ow*SW - PW + s, src_c + c] * w[(r*KW + s)*cin + c, n]
-        y   = acc * scale[n] + shift[n]          # folded BatchNorm and conv bias, in fp32
-        y  += x[img, oh, ow, n] if RES           # Inception-ResNet: scale folded into scale/shift
+    for each output pixel m and output column n (inference):
+        acc = shift[n] + sum over taps (r, s) and channels c of
+                  src[img, oh*SH - PH + r, ow*SW - PW + s, src_c + c] * w[(r*KW + s)*cin + c, n]
+                                                 # fp32; the plan folds BatchNorm's scale into w,
+                                                 # its shift and the conv bias into shift
+        y   = acc + x[img, oh, ow, n] if RES     # Inception-ResNet (its scale folded the same way)
         y   = act(y)                             # ACT_*: ReLU, ReLU6, LeakyReLU, SiLU, GELU, Hardswish or none
         dst[img, oh, ow, dst_c + n] = y          # a channel slice of the block output or of `mid`
+
+In training the weights are the parameters: the accumulator starts at shift[n] (the conv bias),
+a residual head's epilogue multiplies it by scale[n] (the residual scale; 1 for every other
+problem, whose epilogue doesn't read it) and BatchNorm follows (kernels.batchnorm).
 
 A problem may be a pool alone (max, average counting the padding, or average over the taps
 inside the image; any window, stride and padding; no GEMM: the pooled channels are the result):
@@ -88,6 +94,7 @@ INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}
 
 # True when the kernels in this module were decorated for Triton's CPU interpreter.
 INTERPRETING = bool(triton.knobs.runtime.interpret)
+_INTERPRETING = tl.constexpr(INTERPRETING)  # (what a kernel may read of it)
 
 # Buffers.
 BUF_X = 0  # the stage input (the block input)
@@ -318,6 +325,15 @@ def _dot(a, b, acc, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, AC
 
 
 @triton.jit
+def _pixels(pid_m, m_total, oh, ow, BLOCK_M: tl.constexpr):
+    """(offs_m, m_ok, img, oy, ox): the output pixels of row tile pid_m of a batch of oh x ow
+    maps, m_total pixels in all."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pix = offs_m % (oh * ow)
+    return offs_m, offs_m < m_total, offs_m // (oh * ow), pix // ow, pix % ow
+
+
+@triton.jit
 def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_ptr, shift_ptr, bufs, raws, stats_ptr,
              center_ptr, part_ptr, part_off, batch, LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -367,20 +383,18 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
         local = local % tiles_mn
     pid_m = local % tiles_m  # M fastest: neighbouring programs share a weight tile
     pid_n = local // tiles_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, m_ok, img, oy, ox = _pixels(pid_m, m_total, oh, ow, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < m_total
     n_ok = offs_n < ncols
-    img = offs_m // (oh * ow)
-    pix = offs_m % (oh * ow)
-    oy = pix // ow
-    ox = pix % ow
     img_off = img * s_n  # (int64 when INT64: the strides are)
 
     if KIND == 2:
         # A pool alone: the result's columns are the pooled source channels, written as they
-        # come, a quarter of the tile's columns at a time (the window's loads stay in registers).
-        PN: tl.constexpr = min(BLOCK_N, 32)
+        # come, 32 bytes of columns at a time (16 in 16-bit dtypes, 8 in fp32): the window's
+        # loads stay in registers (a 3x3 window is 9 16-byte loads a thread at 128 rows on 8
+        # warps; 64 bytes took the registers of a second program on the SM beside a 128x128 GEMM).
+        # (Under the interpreter, whose cost is per op, 32 columns: two chunks of its 64-wide tiles.)
+        PN: tl.constexpr = min(BLOCK_N, 32 if _INTERPRETING else 256 // dtype.primitive_bitwidth)
         dst0_c = tl.multiple_of(tl.load(row + T_DST0_C), DALIGN)
         for j in tl.static_range(BLOCK_N // PN):
             offs_c = pid_n * BLOCK_N + j * PN + tl.arange(0, PN)
@@ -394,11 +408,11 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
         # order (deterministic), then the epilogue.
         part = part_ptr + tl.multiple_of(part_off, ALIGN) + offs_m[:, None] * ncols + offs_n[None, :]
         pmask = m_ok[:, None] & n_ok[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        acc = _initial(row, shift_ptr, offs_n, n_ok, BLOCK_M, ACC)
         for j in tl.static_range(KS):
             acc += tl.load(part + j * m_total * ncols, mask=pmask, other=0.0)
-        _epilogue(acc, row, S, scale_ptr, shift_ptr, bufs, raws, stats_ptr, center_ptr, img, oy, ox, m_ok, n_ok, offs_n,
-                  LAYOUT, BLOCK_N, ACC, TRAIN)
+        _epilogue(acc, row, S, scale_ptr, shift_ptr, bufs, raws, stats_ptr, center_ptr, pid_m, pid_n, m_total, oh, ow,
+                  LAYOUT, BLOCK_M, BLOCK_N, ACC, TRAIN)
     else:
         # The K chunk: BLOCK_K for 16-bit operands, half of it for fp32 (same bytes per tile).
         # (Inline: Triton 3.6 returns a tensor, not a constexpr, from a jit helper.)
@@ -412,7 +426,10 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
         # stored) instead of a column mask: a 2-D mask or offset tile that doesn't change in the
         # K loop would be hoisted out of it and held in registers for the whole loop.
         w_row = w_off + tl.minimum(offs_n, ncols - 1) * w_ld
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        if KS > 1 and KIND == 0:  # a K slice: partial sums (the reduction starts from the shift)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        else:
+            acc = _initial(row, shift_ptr, offs_n, n_ok, BLOCK_M, ACC)
         chunks = tl.cdiv(cin, BK)
         if KIND == 1:
             # A 1x1 convolution of the pooled input: each K chunk of A is the max/average of
@@ -493,20 +510,41 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
                 b = tl.load(w_ptr + ch[:, None] + (w_row + tap * cin)[None, :], mask=k_ok[:, None], other=0.0)
                 acc = _dot(a, b, acc, DOT_IN_FP32, INPUT_PRECISION, ACC)
 
+        # The tile's coordinates once more, for the stores: (pid_m, pid_n) made opaque to the
+        # compiler by a value loaded after the K loop (ncols, positive). Else it would compute
+        # the store's coordinates from the loads' ones before the loop, and hold them in
+        # registers through it: 20 to 30 registers at 128x128, one program per SM instead of two.
+        ncols = tl.load(row + T_NCOLS)
+        pid_m = tl.where(ncols > 0, pid_m, 0)
+        pid_n = tl.where(ncols > 0, pid_n, 0)
         if KS > 1 and KIND == 0:  # a K slice: its partial sums, for the second launch
+            offs_m, m_ok, _i, _y, _x = _pixels(pid_m, m_total, oh, ow, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             # (offsets multiples of ALIGN: every split problem's ncols is)
             part = part_ptr + tl.multiple_of(part_off, ALIGN) + (kslice * m_total + offs_m)[:, None] * ncols + offs_n[None, :]
-            tl.store(part, acc, mask=m_ok[:, None] & n_ok[None, :])
+            tl.store(part, acc, mask=m_ok[:, None] & (offs_n < ncols)[None, :])
         else:
-            _epilogue(acc, row, S, scale_ptr, shift_ptr, bufs, raws, stats_ptr, center_ptr, img, oy, ox, m_ok, n_ok,
-                      offs_n, LAYOUT, BLOCK_N, ACC, TRAIN)
+            _epilogue(acc, row, S, scale_ptr, shift_ptr, bufs, raws, stats_ptr, center_ptr, pid_m, pid_n, m_total, oh,
+                      ow, LAYOUT, BLOCK_M, BLOCK_N, ACC, TRAIN)
 
 
 @triton.jit
-def _epilogue(acc, row, S: tl.constexpr, scale_ptr, shift_ptr, bufs, raws, stats_ptr, center_ptr, img, oy, ox, m_ok, n_ok,
-              offs_n, LAYOUT: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, TRAIN: tl.constexpr):
-    """The end of a tile: scale and shift, residual, statistics (training), activation, stores
-    (see _problem: `row` is the problem's table row, S its spec)."""
+def _initial(row, shift_ptr, offs_n, n_ok, BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+    """A tile's accumulator before its K loop: each column's shift (inference: BatchNorm's shift
+    and the conv bias, its scale being in the weights; training: the conv bias), so that the
+    epilogue holds no per-column values (64 registers a thread at 128x128; training's residual
+    head still loads its scale)."""
+    shift = tl.load(shift_ptr + tl.load(row + T_SS_OFF) + offs_n, mask=n_ok, other=0.0).to(ACC)
+    return tl.zeros((BLOCK_M, offs_n.shape[0]), dtype=ACC) + shift[None, :]
+
+
+@triton.jit
+def _epilogue(acc, row, S: tl.constexpr, scale_ptr, shift_ptr, bufs, raws, stats_ptr, center_ptr, pid_m, pid_n, m_total,
+              oh, ow, LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+              TRAIN: tl.constexpr):
+    """The end of tile (pid_m, pid_n) of an oh x ow map of m_total pixels (its accumulator
+    started at the shift: _initial): the residual scale (training), residual, statistics
+    (training), activation, stores (see _problem: `row` is the problem's table row, S its spec)."""
     dtype = bufs[0][0].dtype.element_ty  # (the buffers' one dtype)
     KIND: tl.constexpr = S[I_KIND]
     DST0: tl.constexpr = S[I_DST0]
@@ -518,16 +556,16 @@ def _epilogue(acc, row, S: tl.constexpr, scale_ptr, shift_ptr, bufs, raws, stats
     BN: tl.constexpr = S[I_BN]
     ALIGN: tl.constexpr = S[I_ALIGN]
     DALIGN: tl.constexpr = S[I_DALIGN]
-    # Epilogue while the accumulator is still wide. Inference: BN and bias folded into
-    # acc * scale + shift. Training: shift is the conv bias and scale the residual scale (1
-    # elsewhere), (acc + shift) * scale, and BatchNorm comes after (kernels.batchnorm).
+    offs_m, m_ok, img, oy, ox = _pixels(pid_m, m_total, oh, ow, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < tl.load(row + T_NCOLS)
     ss_off = tl.load(row + T_SS_OFF)
-    scale = tl.load(scale_ptr + ss_off + offs_n, mask=n_ok, other=0.0).to(ACC)
-    shift = tl.load(shift_ptr + ss_off + offs_n, mask=n_ok, other=0.0).to(ACC)
-    if TRAIN:
-        acc = (acc + shift[None, :]) * scale[None, :]
-    else:
-        acc = acc * scale[None, :] + shift[None, :]
+    # Epilogue while the accumulator is still wide. Inference: BatchNorm and bias are already in
+    # (the plan folds the scale into the weights, _initial starts from the shift). Training: the
+    # accumulator holds conv + bias; a residual head's (the only problem whose scale is not 1)
+    # is scaled, (acc + shift) * scale, and BatchNorm comes after (kernels.batchnorm).
+    if TRAIN and RES != 0:
+        acc = acc * tl.load(scale_ptr + ss_off + offs_n, mask=n_ok, other=0.0).to(ACC)[None, :]
     if RES != 0:  # residual: the block input at the same pixel and channel, or a slice of `mid`
         # (a projection shortcut's result); both have the output's H and W
         RES_BUF: tl.constexpr = 0 if RES == 1 else 2
@@ -535,17 +573,15 @@ def _epilogue(acc, row, S: tl.constexpr, scale_ptr, shift_ptr, bufs, raws, stats
         if RES == 2:
             res_c = tl.multiple_of(tl.load(row + T_RES_C), ALIGN)
         xp, _xh, _xw, xs_n, xs_h, xs_w, xs_c = _view(RES_BUF, bufs, LAYOUT)
+        if not TRAIN:
+            # Inference rounds the scaled up-projection to the storage dtype first, as eager
+            # does (`up * scale` is a tensor of its own there): the accumulator becomes 32
+            # registers a thread at 128x128 before the residual tile's 32 arrive, and the
+            # kernel fits two programs per SM (143 registers when added to the fp32 sum).
+            acc = acc.to(dtype).to(ACC)
         acc += tl.load(xp + (img * xs_n + oy * xs_h + ox * xs_w)[:, None] + ((res_c + offs_n) * xs_c)[None, :],
                        mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
     pre = acc.to(dtype)  # the pre-activation as stored (and as eager rounds it)
-    if TRAIN:
-        if BN:  # batch statistics of the stored values, summed over this tile's pixels
-            ss_col = ss_off + offs_n
-            center = _load_center(center_ptr, ss_col, n_ok, ACC)
-            v = tl.where(m_ok[:, None] & n_ok[None, :], pre.to(ACC) - center[None, :], 0.0)
-            tl.atomic_add(stats_ptr + ss_col * 3, tl.sum(v, 0), mask=n_ok)
-            tl.atomic_add(stats_ptr + ss_col * 3 + 1, tl.sum(v * v, 0), mask=n_ok)
-            tl.atomic_add(stats_ptr + ss_col * 3 + 2, tl.zeros((BLOCK_N,), ACC) + tl.sum(m_ok.to(ACC), 0), mask=n_ok)
     # The activation reads the pre-activation rounded to the storage dtype, as eager's reads
     # its input tensor. ReLU, ReLU6 and none only select values: rounding commutes with them
     # and they run on the wider value (inference: `acc`, dead after) or, in training, on the
@@ -568,6 +604,54 @@ def _epilogue(acc, row, S: tl.constexpr, scale_ptr, shift_ptr, bufs, raws, stats
     else:
         _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok, y, pre, img, oy, ox, m_ok, offs_n, bufs,
                raws, KIND, BN, DALIGN, LAYOUT, TRAIN)
+    if TRAIN and BN:
+        _statistics(row, S, stats_ptr, center_ptr, ss_off, pid_m, pid_n, m_total, oh, ow, bufs, raws, LAYOUT, BLOCK_M,
+                    BLOCK_N, ACC)
+
+
+@triton.jit
+def _statistics(row, S: tl.constexpr, stats_ptr, center_ptr, ss_off, pid_m, pid_n, m_total, oh, ow, bufs, raws,
+                LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """Training: add the batch statistics of the pre-activations tile (pid_m, pid_n) has just
+    stored to its shadows (per column: the sum and the sum of squares of value - centre, and the
+    count, over the tile's pixels) to stats. They are read back 16 columns at a time: summed from
+    the accumulator's layout, where a thread holds 32 of the 128 columns, the centres and the
+    two sums took 64 registers a thread more than the rest of the kernel at 128x128 (one program
+    per SM instead of two). The barrier makes the tile's stores visible to all its threads."""
+    DST0: tl.constexpr = S[I_DST0]
+    DST1: tl.constexpr = S[I_DST1]
+    SPLIT: tl.constexpr = S[I_SPLIT]
+    DALIGN: tl.constexpr = S[I_DALIGN]
+    tl.debug_barrier()
+    CN: tl.constexpr = min(BLOCK_N, 32 if _INTERPRETING else 16)  # (the interpreter's cost is per op)
+    _m, m_ok, img, oy, ox = _pixels(pid_m, m_total, oh, ow, BLOCK_M)
+    ncols = tl.load(row + T_NCOLS)
+    split = ncols
+    if SPLIT:
+        split = tl.multiple_of(tl.load(row + T_SPLIT), DALIGN)
+    _d, _h, _w, d_n, d_h, d_w, d_c = _view(DST0, bufs, LAYOUT)
+    rows0 = raws[DST0 - 1] + (img * d_n + oy * d_h + ox * d_w)
+    c0 = tl.multiple_of(tl.load(row + T_DST0_C), DALIGN)
+    _d, _h, _w, e_n, e_h, e_w, e_c = _view(DST1, bufs, LAYOUT)
+    rows1 = raws[DST1 - 1] + (img * e_n + oy * e_h + ox * e_w)
+    c1 = tl.multiple_of(tl.load(row + T_DST1_C) - split, DALIGN)
+    count = tl.sum(m_ok.to(ACC), 0)
+    for j in tl.static_range(BLOCK_N // CN):
+        offs_n = pid_n * BLOCK_N + j * CN + tl.arange(0, CN)
+        n_ok = offs_n < ncols
+        mask = m_ok[:, None] & n_ok[None, :]
+        # (columns < split were stored to dst0's shadow, the others to dst1's: disjoint masks)
+        v = tl.load(rows0[:, None] + ((c0 + offs_n) * d_c)[None, :], mask=mask & (offs_n < split)[None, :],
+                    other=0.0).to(ACC)
+        if SPLIT:
+            v += tl.load(rows1[:, None] + ((c1 + offs_n) * e_c)[None, :], mask=mask & (offs_n >= split)[None, :],
+                         other=0.0).to(ACC)
+        ss_col = ss_off + offs_n
+        center = _load_center(center_ptr, ss_col, n_ok, ACC)
+        v = tl.where(mask, v - center[None, :], 0.0)
+        tl.atomic_add(stats_ptr + ss_col * 3, tl.sum(v, 0), mask=n_ok)
+        tl.atomic_add(stats_ptr + ss_col * 3 + 1, tl.sum(v * v, 0), mask=n_ok)
+        tl.atomic_add(stats_ptr + ss_col * 3 + 2, tl.zeros((CN,), ACC) + count, mask=n_ok)
 
 
 @triton.jit
@@ -615,7 +699,7 @@ def _tiles(P: tl.constexpr, S: tl.constexpr, table_ptr, batch, bufs, BLOCK_M: tl
 def _stage_kernel(
     # problem table: int32 [len(SPEC), len(TABLE_FIELDS)]
     table_ptr,
-    # the stage's packed weight matrices, and per output column a scale and a shift (see the epilogue)
+    # the stage's packed weight matrices, and per output column a scale (training) and a shift
     w_ptr, scale_ptr, shift_ptr,
     # the three buffers, logical NCHW addressed through strides (a channels_last buffer's row
     # pitches in units of 8: see _view)
@@ -873,7 +957,10 @@ def conv_stage(spec, table, ncols, depth, weight, scale, shift, x, out, mid, raw
             w_off + n * w_ld + k of its row (an [ncols, K] matrix with row pitch w_ld, K ordered
             (tap, input channel): nn.Conv2d's weight in channels_last order). Loaded in its
             dtype, rounded to x's.
-        scale, shift: 1-D tensors; problem p's columns start at its row's ss_off.
+        scale, shift: 1-D tensors; problem p's columns start at its row's ss_off. Inference:
+            scale is None (the plan folds BatchNorm's scale into the weights; the accumulator
+            starts at shift). Training: (acc + shift) * scale, scale read only by a residual
+            head (problems with `res`; 1 elsewhere).
         x, out, mid: 4-D logical NCHW tensors of one floating dtype (fp32, fp16 or bf16; float64
             is accepted for tests), any strides (channels_last is the fast path); `mid` may be
             `out` when unused. `out`/`mid` slices named by the table are overwritten.
@@ -888,7 +975,7 @@ def conv_stage(spec, table, ncols, depth, weight, scale, shift, x, out, mid, raw
     Example (one 1x1 convolution of x's 16 channels into out's first 32):
         >>> spec = (problem_spec(),)
         >>> table = torch.tensor([[16, 32, 0, 32, 0, 0, 0, 16, 0, 0]], dtype=torch.int32, device="cuda")
-        >>> conv_stage(spec, table, (32,), (16,), w, scale, shift, x, out, out)  # w: [32, 16] flattened
+        >>> conv_stage(spec, table, (32,), (16,), w, None, shift, x, out, out)  # w: [32, 16] flattened
     """
     if x.shape[0] == 0:
         return
@@ -1060,8 +1147,8 @@ class StageLaunch(CachedLaunch):
     """The launch of one stage (see conv_stage for the arguments) for buffers of one shape and
     layout, inference or training (`training`: the pre-activations and statistics variant).
     Build it with buffers of the shape and strides the calls will pass; call it with the
-    stage's weights and the buffers: `launch(weight, scale, shift, x, out, mid)` (training:
-    also raw_out, raw_mid, stats, center). x may come at another 16-byte alignment later (it is
+    stage's weights and the buffers: `launch(weight, None, shift, x, out, mid)` (training: a
+    scale, and raw_out, raw_mid, stats, center). x may come at another 16-byte alignment later (it is
     checked per call).
 
     A stage of few programs (split_counts) is two launches: its split problems' K slices write
@@ -1128,8 +1215,10 @@ class StageLaunch(CachedLaunch):
         return (programs,)
 
     def __call__(self, weight, scale, shift, x, out, mid, raw_out=None, raw_mid=None, stats=None, center=None):
-        if raw_out is None:  # (inference: the training pointers are unused, any tensor does)
-            raw_out, raw_mid, stats, center = out, mid, scale, scale
+        if not self.training:  # (inference: the scale and training pointers are unused, any tensor does)
+            if scale is not None:
+                raise ValueError("inference stages take no scale: fold it into the weights (fused_inception.plan)")
+            scale, raw_out, raw_mid, stats, center = shift, out, mid, shift, shift
         # (split K: the partial sums, from the caching allocator; else unused, any tensor does)
         part = torch.empty(self.part_numel, dtype=self.acc_dtype, device=x.device) if self.finish else scale
         tensors = (self.table, weight, scale, shift, x, out, mid, raw_out, raw_mid, stats, center, part)

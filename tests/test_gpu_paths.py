@@ -26,9 +26,9 @@ def _launch(dtype=torch.float32):
     out = torch.empty(2, 8, 4, 4, dtype=dtype).to(memory_format=torch.channels_last)
     spec = (kconv.problem_spec(align=8),)
     table = torch.tensor([[16, 8, 0, 8, 0, 0, 0, 16, 0, 0]], dtype=torch.int32)
-    w, s, b = torch.randn(8 * 16, dtype=dtype), torch.ones(8), torch.zeros(8)
+    w, b = torch.randn(8 * 16, dtype=dtype), torch.zeros(8)
     launch = kconv.StageLaunch(spec, table, (8,), (16,), x, out, out)
-    return launch, x, lambda x: launch(w, s, b, x, out, out)
+    return launch, x, lambda x: launch(w, None, b, x, out, out)
 
 
 class _Kernel:

@@ -50,7 +50,7 @@ def test_launcher_asks_for_int64_past_2_31_elements(big):
     spec = (kconv.problem_spec(),)
     table = torch.zeros(1, len(kconv.TABLE_FIELDS), dtype=torch.int32, device="meta")
     with kconv.recording() as launches:
-        kconv.conv_stage(spec, table, (16,), (16,), torch.empty(256, device="meta"), torch.empty(16, device="meta"),
+        kconv.conv_stage(spec, table, (16,), (16,), torch.empty(256, device="meta"), None,
                          torch.empty(16, device="meta"), x, out, out)
     (_, _, consts, _), = launches
     assert consts["LAYOUT"][3] == (big != "none")  # (X_CL, OUT_CL, MID_CL, INT64)
@@ -80,6 +80,20 @@ def test_nan_and_inf_propagate_as_eager():
     assert y.isnan().any() and y.isinf().any() == expected.isinf().any()
     assert torch.equal(y.isinf(), expected.isinf())
     assert_close_rel(y, expected, TOL[torch.float32])  # same NaN positions, same values elsewhere
+
+
+def test_folded_weights_that_overflow_float16_say_so():
+    """Inference folds BatchNorm's scale into the weights (plan.build_plan): a scale that takes a
+    folded float16 weight past 65504 is an error that says so, not infinities in the output. bf16
+    has fp32's range."""
+    block = randomize_(FusedInception(*ARGS), 3).eval()
+    block.branch1.bn.weight.data.fill_(6e4)  # (representable in float16; the scale, 6e4 / sqrt(2e-3), is not)
+    block.branch1.bn.running_var.data.fill_(1e-3)
+    x = torch.randn(1, 24, 5, 5)
+    with torch.no_grad():
+        assert block.bfloat16()(x.bfloat16()).isfinite().all()
+        with pytest.raises(OverflowError, match="overflows torch.float16"):
+            block.half()(x.half())
 
 
 def test_input_smaller_than_a_kernel():

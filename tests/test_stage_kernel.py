@@ -149,8 +149,9 @@ def test_direct_launch_reads_and_writes_slices(device):
     spec = (kconv.problem_spec(src=kconv.BUF_X, dst0=kconv.BUF_OUT, kh=3, kw=3, ph=1, pw=1),)
     # cin, ncols, src_c, split, dst0_c, dst1_c, w_off, w_ld, ss_off, res_c (kconv.TABLE_FIELDS)
     table = torch.tensor([[cin, cout, 5, cout, 7, 7, 0, 9 * cin, 0, 0]], dtype=torch.int32, device=device)
-    weight = w.permute(0, 2, 3, 1).reshape(-1).contiguous()  # [cout, K], K = (tap, channel)
-    kconv.conv_stage(spec, table, (cout,), (9 * cin,), weight, scale, shift, x, out, out)
+    # [cout, K], K = (tap, channel), the scale folded in (inference stages take none)
+    weight = (w * scale.view(-1, 1, 1, 1)).permute(0, 2, 3, 1).reshape(-1).contiguous()
+    kconv.conv_stage(spec, table, (cout,), (9 * cin,), weight, None, shift, x, out, out)
     expected = F.conv2d(x[:, 5:5 + cin].double(), w.double(), padding=1) * scale.double().view(1, -1, 1, 1) \
         + shift.double().view(1, -1, 1, 1)
     assert_close_rel(out[:, 7:7 + cout], expected, TOL[torch.float32])
