@@ -7,7 +7,8 @@ shared memory that fits; and, read from the machine code (fused_inception.sass),
 loop around a wgmma is lean: no synchronous load, no full wgmma wait, at most 1.3x a plain
 implicit-GEMM conv's instructions per wgmma; the kernels of batch 1 too (split K), where every
 stage launch must have 66 programs or more or at most 16 K iterations per program (issue 20
-item 3). The interpreter accepts code the compiler rejects or makes slow, so
+item 3), and every kernel with a wgmma loop fits as many programs per SM as that plain conv
+under the same config (item 4). The interpreter accepts code the compiler rejects or makes slow, so
 this is the test that the kernels are fit for a GPU. It runs in a subprocess: this test session
 has TRITON_INTERPRET=1, and the compiler needs it unset.
 """
@@ -69,6 +70,27 @@ for label, d in defects:
     print("LOOP", label, d)
 assert not defects
 print("wgmma loops:", sum(len(code.loops) for code in codes))
+# Issue 20 item 4: every kernel with a wgmma loop fits as many programs per SM (registers, shared
+# memory, warps) as the plain implicit-GEMM conv compiled under the same config and dtype.
+from fused_inception import reference
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def reference_programs(config_name, dt):
+    compiled = reference.compile_plain_conv(kconv.CONFIGS[kconv.CONFIG_NAMES.index(config_name)], dt)
+    return sass.programs_per_sm(compiled)
+
+
+fewer = []
+for (label, c), code in zip(kernels, codes):
+    meta = c.fused_inception_meta
+    config = meta.get("config")
+    if code.loops and config is not None and "BLOCK_M" in config.kwargs and kconv.config_name(config) in kconv.CONFIG_NAMES:
+        mine, ref = sass.programs_per_sm(c, code), reference_programs(kconv.config_name(config), meta["dtype"])
+        if mine < ref:
+            fewer.append((label, code.registers, mine, ref))
+assert not fewer, fewer
 # Issue 20 item 3: at batch 1 (the network's own input size) every stage launch has at least 66
 # programs (half of an H100's 132 SMs) or its longest program runs at most 16 K iterations, under
 # every config it may run under (split K: fused_inception.work counts the slices).
