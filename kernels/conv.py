@@ -605,16 +605,16 @@ def _epilogue(acc, row, S: tl.constexpr, scale_ptr, shift_ptr, bufs, raws, stats
         _store(DST0, tl.multiple_of(tl.load(row + T_DST0_C), DALIGN), n_ok, y, pre, img, oy, ox, m_ok, offs_n, bufs,
                raws, KIND, BN, DALIGN, LAYOUT, TRAIN)
     if TRAIN and BN:
-        _statistics(row, S, stats_ptr, center_ptr, ss_off, pid_m, pid_n, m_total, oh, ow, bufs, raws, LAYOUT, BLOCK_M,
-                    BLOCK_N, ACC)
+        _statistics(row, S, stats_ptr, center_ptr, ss_off, pid_n, m_ok, img, oy, ox, bufs, raws, LAYOUT, BLOCK_N, ACC)
 
 
 @triton.jit
-def _statistics(row, S: tl.constexpr, stats_ptr, center_ptr, ss_off, pid_m, pid_n, m_total, oh, ow, bufs, raws,
-                LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
-    """Training: add the batch statistics of the pre-activations tile (pid_m, pid_n) has just
-    stored to its shadows (per column: the sum and the sum of squares of value - centre, and the
-    count, over the tile's pixels) to stats. They are read back 16 columns at a time: summed from
+def _statistics(row, S: tl.constexpr, stats_ptr, center_ptr, ss_off, pid_n, m_ok, img, oy, ox, bufs, raws,
+                LAYOUT: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """Training: add the batch statistics of the pre-activations the tile (pixels img, oy, ox,
+    of which m_ok are inside; column block pid_n) has just stored to its shadows (per column:
+    the sum and the sum of squares of value - centre, and the count, over the tile's pixels) to
+    stats. They are read back 16 columns at a time: summed from
     the accumulator's layout, where a thread holds 32 of the 128 columns, the centres and the
     two sums took 64 registers a thread more than the rest of the kernel at 128x128 (one program
     per SM instead of two). The barrier makes the tile's stores visible to all its threads."""
@@ -624,7 +624,6 @@ def _statistics(row, S: tl.constexpr, stats_ptr, center_ptr, ss_off, pid_m, pid_
     DALIGN: tl.constexpr = S[I_DALIGN]
     tl.debug_barrier()
     CN: tl.constexpr = min(BLOCK_N, 32 if _INTERPRETING else 16)  # (the interpreter's cost is per op)
-    _m, m_ok, img, oy, ox = _pixels(pid_m, m_total, oh, ow, BLOCK_M)
     ncols = tl.load(row + T_NCOLS)
     split = ncols
     if SPLIT:
