@@ -29,6 +29,11 @@ from fused_inception.launches import count_torch_kernels  # noqa: E402
 from fused_inception.models.inception_resnet_v2 import Block35  # noqa: E402
 from fused_inception.report import informative_init_  # noqa: E402
 
+if kconv.INTERPRETING:  # (CPU: the suites and quick.py check that every case runs and agrees)
+    from fused_inception import interpreter  # noqa: E402
+
+    interpreter.speed_up()  # (what it skips of Triton's interpreter: fused_inception/interpreter.py)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # name: (torchvision class, or "Block35": Inception-ResNet-v2's, fused by fuse(); its constructor

@@ -21,4 +21,8 @@ if __name__ == "__main__":
         # read: start again with the interpreter on.
         os.execve(sys.executable, [sys.executable, "-m", "fused_inception", *argv],
                   dict(os.environ, TRITON_INTERPRET="1"))
+    if kconv.INTERPRETING:
+        from fused_inception import interpreter
+
+        interpreter.speed_up()  # (what it skips of Triton's interpreter: fused_inception/interpreter.py)
     main(argv)

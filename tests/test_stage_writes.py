@@ -20,8 +20,17 @@ from conftest import TOL, assert_close_rel, conv_node, modules_of, node_results,
 from fused_inception.kernels import conv as kconv
 from fused_inception.kernels.conv import BUF_MID, BUF_OUT
 from fused_inception.graph import BlockGraph, ResidualHead
+from fused_inception.interpreter import overflow_checks
 from fused_inception.layout import ProblemKind
 from fused_inception.plan import build_plan, padded_input
+
+
+@pytest.fixture(autouse=True)
+def _int32_overflow_checked():
+    """The interpreter checks every int32 add, subtract and multiply of the kernels for overflow
+    here (conftest turns that off elsewhere for speed): this file runs every kernel kind."""
+    with overflow_checks():
+        yield
 
 
 def googlenet_like(cin, c1, r2, o2, r3, o3, p):
