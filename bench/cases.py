@@ -32,7 +32,7 @@ from fused_inception.report import informative_init_  # noqa: E402
 if kconv.INTERPRETING:  # (CPU: the suites and quick.py check that every case runs and agrees)
     from fused_inception import interpreter  # noqa: E402
 
-    interpreter.speed_up()  # (what it skips of Triton's interpreter: fused_inception/interpreter.py)
+    interpreter.configure()  # (cheaper, and bf16 rounded as on a GPU: fused_inception/interpreter.py)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

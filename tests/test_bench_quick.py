@@ -108,11 +108,14 @@ def test_nan_check_fails_on_a_stage_not_run(tmp_path, monkeypatch, tf32_flags_re
 
 def test_networks_and_stages_parts_on_cpu(tmp_path):
     r = run_quick("networks", "--out", str(tmp_path), "--network", "googlenet", "--impls", "eager,fused")
-    assert r.returncode in (0, 1), r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     recs = {rec["impl"]: rec for rec in records(tmp_path / "networks.jsonl")}
     # (28: with the stem's pad; + 9 split K reductions at batch 1: kconv.split_counts)
     assert recs["eager"]["launches"] == 195 and recs["fused"]["launches"] == 28 + 9, recs
-    assert recs["fused"]["err"] < 0.1 and recs["fused"]["eager_err"] > 0  # bf16 both, against fp32
+    # bf16 both, against fp32: within the case's tolerance (2e-2, or twice eager's error). Before
+    # fused_inception.interpreter rounded the interpreter's bf16 to nearest even it was 0.044.
+    assert recs["fused"]["status"] == "ok" and recs["fused"]["err"] <= recs["fused"]["tol"], recs
+    assert recs["eager"]["status"] == "ok" and recs["fused"]["eager_err"] > 0, recs
     r = run_quick("stages", "--out", str(tmp_path), "--stage-blocks", "inception3a")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     stages = records(tmp_path / "stages.jsonl")

@@ -1,5 +1,6 @@
-"""fused_inception.interpreter: what conftest changes in Triton's interpreter for speed keeps the
-kernels' results, and overflow_checks() still catches an int32 overflow."""
+"""fused_inception.interpreter: what conftest changes in Triton's interpreter keeps the kernels'
+results, rounds float32 -> bfloat16 as torch (and a GPU) does, and overflow_checks() still
+catches an int32 overflow."""
 
 import pytest
 import torch
@@ -25,8 +26,8 @@ def _times_kernel(x_ptr, out_ptr, factor, N: tl.constexpr):
     tl.store(out_ptr + offs, acc)
 
 
-def test_speed_up_is_on_and_helper_calls_still_work():
-    assert interpreter.speed_up()  # conftest applied it already: applying it again changes nothing
+def test_configured_and_helper_calls_still_work():
+    assert interpreter.configure()  # conftest applied it already: applying it again changes nothing
     x = torch.arange(16, dtype=torch.int32)
     for factor in (3, -5):  # two launches: the language is bound again for the second
         out = torch.empty_like(x)
@@ -43,3 +44,22 @@ def test_overflow_checks_catch_an_int32_overflow():
         _times_kernel[(1,)](x, out, 4, N=16)
     _times_kernel[(1,)](x, out, 2, N=16)  # unchecked again after the block
     assert torch.equal(out, torch.full_like(x, -2**31))
+
+
+@triton.jit
+def _to_bf16_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs).to(tl.bfloat16))
+
+
+def test_float32_to_bfloat16_rounds_to_nearest_even():
+    """Halfway cases, just above and below halfway, carries into the exponent, negatives,
+    overflow to infinity, subnormals, NaN: bit for bit torch's conversion."""
+    one = 1.0
+    ulp = 2.0 ** -7  # of bfloat16 at 1
+    x = torch.tensor([one + ulp / 2, one + 1.5 * ulp, one + ulp / 2 + 2 ** -20, one + ulp / 2 - 2 ** -20,
+                      2 - ulp / 4, -(one + 0.75 * ulp), 3.4e38, -3.4e38, 1e-40, -1e-39, float("nan"),
+                      float("inf"), 0.0, -0.0, 1.0 / 3, 65504.0], dtype=torch.float32)
+    out = torch.empty(16, dtype=torch.bfloat16)
+    _to_bf16_kernel[(1,)](x, out, N=16)
+    assert torch.equal(out.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
