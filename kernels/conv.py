@@ -1094,6 +1094,9 @@ class CachedLaunch:
 SPLIT_PROGRAMS = 66
 SPLIT_ITERATIONS = 16
 SPLIT_SLICE = 8
+# The largest tile of CONFIGS, under which a launch has the fewest programs.
+_LARGEST_M = max(c.kwargs["BLOCK_M"] for c in CONFIGS)
+_LARGEST_N = max(c.kwargs["BLOCK_N"] for c in CONFIGS)
 # The second launch's config: no GEMM, a [64, 64] tile of ks loads, the epilogue.
 REDUCE_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
 
@@ -1114,12 +1117,13 @@ def k_iterations(spec, cin, fp32=False, block_k=64):
 
 def split_counts(spec, sizes, ncols, cins, fp32=False):
     """Per problem of a stage, its K slices (spec field ks): 1 unless the launch has fewer than
-    SPLIT_PROGRAMS programs under the largest config (128x128 tiles: every config gives at least
-    as many) and the problem is a convolution (KIND_GEMM) of more than SPLIT_ITERATIONS K
-    iterations; then ceil(iterations / SPLIT_SLICE) rounded up to a power of two (the count is a
+    SPLIT_PROGRAMS programs under the largest config (_LARGEST_M x _LARGEST_N, 128x128: every
+    config gives at least as many) and the problem is a convolution (KIND_GEMM) of more than
+    SPLIT_ITERATIONS K iterations; then ceil(iterations / SPLIT_SLICE) rounded up to a power of two (the count is a
     compile-time constant of both launches: fewer distinct kernels). sizes: output pixels
     (batch x H x W) per problem; cins: its input channels."""
-    programs = sum(-(-m // 128) * -(-n // min(128, spec_field(p, "tn"))) for p, m, n in zip(spec, sizes, ncols))
+    programs = sum(-(-m // _LARGEST_M) * -(-n // min(_LARGEST_N, spec_field(p, "tn")))
+                   for p, m, n in zip(spec, sizes, ncols))
     if programs >= SPLIT_PROGRAMS:
         return (1,) * len(spec)
     counts = []
