@@ -22,6 +22,8 @@ user's own interpreter runs stay as Triton made them.
   GoogLeNet at 32x32 in bf16 the fused network's error grew to 0.044 of the output's maximum,
   5x eager's 0.008 (fp16, which numpy rounds to nearest, stayed at eager's: 0.0012 against
   0.0014). `configure()` converts through torch, which rounds to nearest even as the GPU does.
+  (Triton's maintainers say the interpreter does not support bfloat16 yet: triton#11585, where
+  `tl.dot` of bfloat16 multiplies bit patterns; kernels/conv.py's DOT_IN_FP32 works around that.)
 
 All three are Python-level changes to Triton's private interpreter module: `configure()` changes
 nothing (and returns False) on a Triton whose interpreter lacks the names it changes.
