@@ -8,20 +8,23 @@ user's own interpreter runs stay as Triton made them.
 - **The integer-overflow sanitizer: 43 % of the time** of a profiled training test
   (`tests/test_training.py::test_gradcheck_float64`, 154 s under cProfile). The interpreter redoes
   every int32 add, subtract and multiply in int64 and compares (`sanitize_overflow`), then drops
-  the result: the assert it builds is a no-op unless the options' `debug` is on too, which
-  TRITON_DEBUG sets and the tests did not. So the cost bought nothing. `configure()` turns it off.
+  the result: the assert it builds is a no-op unless the options' `debug` is on too, and the
+  interpreter builds its options once with `debug` off (TRITON_DEBUG does not reach them). So the
+  cost bought nothing. `configure()` turns it off.
   `overflow_checks()` turns both options on, so that the check asserts, where a test wants it
   (tests/test_stage_writes.py for every kernel kind, and a block training test).
 - **Patching `triton.language` at every device-function call: 21 %.** A call from a kernel to a
   `@triton.jit` helper (`_pixels`, `_initial`, `tl.zeros`, ...) walks `triton.language`'s members
   with `inspect.getmembers` and rebinds its builtins, about 0.3 ms a call, although the launch
-  running the helper bound them already. `configure()` skips the walk when the helper's language
-  modules are bound already; the first call of a launch still patches as before.
+  running the helper bound them already. `configure()` skips the walk when the language modules
+  the function's globals hold are bound and so is the tensor class, which only a running launch
+  binds (each launch restores it at its end): a launch itself therefore always patches in full.
 - **float32 -> bfloat16 conversions truncate.** The interpreter's `cast_impl` drops the low 16
   bits (round toward zero) where a GPU rounds to nearest even. The bias is systematic: over
   GoogLeNet at 32x32 in bf16 the fused network's error grew to 0.044 of the output's maximum,
   5x eager's 0.008 (fp16, which numpy rounds to nearest, stayed at eager's: 0.0012 against
-  0.0014). `configure()` converts through torch, which rounds to nearest even as the GPU does.
+  0.0014). `configure()` converts through torch, which rounds to nearest even as the GPU does
+  (a NaN stays a NaN; its bits may differ from a GPU's canonical one).
   (Triton's maintainers say the interpreter does not support bfloat16 yet: triton#11585, where
   `tl.dot` of bfloat16 multiplies bit patterns; kernels/conv.py's DOT_IN_FP32 works around that.)
 
@@ -44,19 +47,18 @@ except ImportError:  # (no interpreter in this Triton)
 _NAMES = ("interpreter_builder", "InterpreterOptions", "InterpreterBuilder", "TensorHandle", "_patch_lang",
           "_LangPatchScope")
 _original = {}  # what configure() replaced: "patch_lang", "cast_impl"
-_langs = {}  # a device function -> the triton.language modules its globals hold
 
 
 def _bound(lang):
-    """Whether the interpreter has bound `lang`'s builtins (they are all bound or none: a
-    _LangPatchScope binds and restores them together)."""
-    return not tl.core.is_builtin(lang.program_id)
+    """Whether `lang`'s builtins and its tensor class are bound. A scope binds a module's builtins,
+    its tensor class and the rest together; a launch's scope undoes them at its end, a helper
+    call's scope never (Triton's own behaviour: `tl.core` stays bound after the first `tl.zeros`),
+    but the tensor class is bound only while a launch runs."""
+    return not tl.core.is_builtin(lang.program_id) and not tl.core.is_builtin(lang.tensor.__add__)
 
 
 def _patch_lang(fn):
-    langs = _langs.get(fn)
-    if langs is None:
-        langs = _langs[fn] = [v for v in fn.__globals__.values() if v is tl or v is tl.core]
+    langs = [v for v in fn.__globals__.values() if v is tl or v is tl.core]  # (as _patch_lang finds them)
     if langs and all(_bound(lang) for lang in langs):
         return _interp._LangPatchScope()  # (nothing to restore)
     return _original["patch_lang"](fn)

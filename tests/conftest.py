@@ -26,7 +26,7 @@ from fused_inception.report import informative_init_  # noqa: E402
 
 if kconv.INTERPRETING:
     # Without the int32 overflow arithmetic whose result the interpreter drops (it asserts only
-    # under interpreter.overflow_checks(), which tests/test_stage_writes.py uses) and its
+    # under interpreter.overflow_checks(): tests/test_stage_writes.py and a training test) and its
     # re-patching of triton.language at every helper call, kernel tests run about 2.5x faster;
     # and float32 -> bfloat16 rounds to nearest even, as on a GPU (the interpreter truncates).
     interpreter.configure()

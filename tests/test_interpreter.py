@@ -42,8 +42,38 @@ def test_overflow_checks_catch_an_int32_overflow():
     assert torch.equal(out, torch.zeros_like(x))
     with interpreter.overflow_checks(), pytest.raises(Exception, match="overflow"):
         _times_kernel[(1,)](x, out, 4, N=16)
+    options = triton.runtime.interpreter.interpreter_builder.options
+    assert not options.sanitize_overflow and not options.debug  # both restored
     _times_kernel[(1,)](x, out, 2, N=16)  # unchecked again after the block
     assert torch.equal(out, torch.full_like(x, -2**31))
+
+
+CORE_ONLY = """
+import triton
+from triton.language import core as tl  # (the kernel's globals hold triton.language.core only)
+
+
+@triton.jit
+def plus_one(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs) + 1)
+"""
+
+
+def test_a_kernel_seeing_only_triton_language_core(tmp_path, monkeypatch):
+    """After a launch whose helper (tl.zeros) left triton.language.core's builtins bound, a kernel
+    whose module imports only `core` still gets its tensor methods bound: the patching is skipped
+    only inside a running launch."""
+    import importlib
+
+    (tmp_path / "core_only_kernel.py").write_text(CORE_ONLY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("core_only_kernel")
+    x = torch.arange(16, dtype=torch.int32)
+    out = torch.empty_like(x)
+    _times_kernel[(1,)](x, out, 2, N=16)  # (tl.zeros: triton.language.core stays bound)
+    module.plus_one[(1,)](x, out, N=16)
+    assert torch.equal(out, x + 1)
 
 
 @triton.jit

@@ -93,7 +93,7 @@ def test_block_training_matches_torchvision(shape, memory_format, device):
     mode equal torchvision's (float64) to <= 1e-4 relative, over two steps."""
     ref, fused = pair(0, device)
     x = torch.randn(shape, device=device).to(memory_format=memory_format)
-    with overflow_checks():  # the interpreter checks the training kernels' int32 arithmetic here
+    with overflow_checks():  # (under the interpreter: the training kernels' int32 arithmetic checked)
         check_training_parity(ref, fused, x)
     assert int(fused.branch1.bn.num_batches_tracked) == 2
 
