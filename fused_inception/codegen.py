@@ -183,8 +183,10 @@ def jobs_of(launches, target=HOPPER):
             packed = _jit_compile_args(kernel, args, kwargs, target)
             if packed is None:  # (another Triton: the same specialisation, by hand)
                 signature, constexprs, attrs = _signature(kernel, args, dict(consts, **config.kwargs))
-                packed = (signature, constexprs, attrs, {"num_warps": config.num_warps,
-                                                         "num_stages": config.num_stages})
+                options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+                if config.maxnreg is not None:
+                    options["maxnreg"] = config.maxnreg
+                packed = (signature, constexprs, attrs, options)
             signature, constexprs, attrs, options = packed
             dtype = _dtype_name(consts, args)
             job = (f"{_label(kernel, consts, config)} {dtype}", kernel, signature, constexprs, attrs, options,

@@ -84,7 +84,10 @@ from fused_inception.kernels import tuning
 # 4 warps or more (a Hopper warp group: wgmma), BLOCK_K >= 16 (fp16/bf16 dots need it). fp32
 # operands halve BLOCK_K (BK in _problem) so that the pipelined tiles fit in shared memory.
 CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    # (two programs of 8 warps per SM, as the plain conv fits: 65536 registers / 512 threads = 128
+    # each. Triton 3.8 stays within it unasked; 3.6 gave one kernel 135 without the cap, 121 with
+    # it, no spill. A kernel that needed more would spill, which the marks check refuses.)
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3, maxnreg=128),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
@@ -521,8 +524,11 @@ def _problem(local, P: tl.constexpr, S: tl.constexpr, table_ptr, w_ptr, scale_pt
             offs_m, m_ok, _i, _y, _x = _pixels(pid_m, m_total, oh, ow, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             # (offsets multiples of ALIGN: every split problem's ncols is)
-            part = part_ptr + tl.multiple_of(part_off, ALIGN) + (kslice * m_total + offs_m)[:, None] * ncols + offs_n[None, :]
-            tl.store(part, acc, mask=m_ok[:, None] & (offs_n < ncols)[None, :])
+            # (one pointer add of an int32 offset tile to a scalar base: with the slice's row in
+            # the tile's offsets, Triton 3.6 held 64-bit pointers for the tile, 216-254 registers)
+            base = part_ptr + tl.multiple_of(part_off, ALIGN) + kslice * m_total * ncols
+            tl.store(base + (offs_m[:, None] * ncols + offs_n[None, :]), acc,
+                     mask=m_ok[:, None] & (offs_n < ncols)[None, :])
         else:
             _epilogue(acc, row, S, scale_ptr, shift_ptr, bufs, raws, stats_ptr, center_ptr, pid_m, pid_n, m_total, oh,
                       ow, LAYOUT, BLOCK_M, BLOCK_N, ACC, TRAIN)
