@@ -412,11 +412,11 @@ def build_plan(graph, device, dtype):
             scale = torch.cat([s for s, _ in pieces]).to(device)
             w = torch.cat([kernel_weight(conv.weight.detach(), tc) for conv in p.convs], 0).to(device).double()
             w = w * scale[:, None]
-            if not w.is_meta and torch.isfinite(w).all() and not torch.isfinite(w.to(dtype)).all():
+            folded = w.to(dtype)
+            if not w.is_meta and torch.isfinite(w).all() and not torch.isfinite(folded).all():
                 raise OverflowError(f"a BatchNorm folded into the weights overflows {dtype} (largest scale "
                                     f"{scale.abs().max().item():.3g}): run the block in another dtype")
-            w = w.to(dtype)
-            weights.append(F.pad(w, (0, w_ld - w.shape[1])).reshape(-1))
+            weights.append(F.pad(folded, (0, w_ld - folded.shape[1])).reshape(-1))
         shifts += [b for _, b in pieces]
     return Plan(layout=layout, stages=stages, pad_to=input_padding(layout, graph.in_channels),
                 zero=torch.zeros((), dtype=dtype, device=device),

@@ -1125,9 +1125,9 @@ def split_counts(spec, sizes, ncols, cins, fp32=False):
     """Per problem of a stage, its K slices (spec field ks): 1 unless the launch has fewer than
     SPLIT_PROGRAMS programs under the largest config (_LARGEST_M x _LARGEST_N, 128x128: every
     config gives at least as many) and the problem is a convolution (KIND_GEMM) of more than
-    SPLIT_ITERATIONS K iterations; then ceil(iterations / SPLIT_SLICE) rounded up to a power of two (the count is a
-    compile-time constant of both launches: fewer distinct kernels). sizes: output pixels
-    (batch x H x W) per problem; cins: its input channels."""
+    SPLIT_ITERATIONS K iterations; then ceil(iterations / SPLIT_SLICE) rounded up to a power of
+    two (the count is a compile-time constant of both launches: fewer distinct kernels). sizes:
+    output pixels (batch x H x W) per problem; cins: its input channels."""
     programs = sum(-(-m // _LARGEST_M) * -(-n // min(_LARGEST_N, spec_field(p, "tn")))
                    for p, m, n in zip(spec, sizes, ncols))
     if programs >= SPLIT_PROGRAMS:

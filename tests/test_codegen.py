@@ -108,7 +108,7 @@ for i, (kernel, args, consts, configs) in enumerate(one):
 print("batch-1 stage launches:", sum(1 for k, a, c, _ in one if "SPEC" in c and "LAYOUT" in c))
 assert not starved, starved
 print("stage kernels with a wgmma:", sum(1 for (l, _), s in zip(kernels, stats) if l.startswith("stage") and s["wgmma"]))
-sys.exit(3 if fewer else 0)  # (item 4, checked last: the caller names the kernels)
+assert not fewer, "kernels fitting fewer programs per SM than the plain conv: the FEWER lines above"
 """
 
 
@@ -128,9 +128,8 @@ def test_kernels_meet_the_hopper_marks(model, dtype, mode, max_kernels):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", SCRIPT, model, dtype, mode, str(max_kernels)], env=env,
                        capture_output=True, text=True, timeout=1500)
-    assert "compiled" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
-    fewer = [line for line in r.stdout.splitlines() if line.startswith("FEWER ")]
-    assert r.returncode == 0, "\n".join(fewer) or (r.stdout[-4000:] + r.stderr[-4000:])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "compiled" in r.stdout
 
 
 # Two tiny matmuls compiled for sm_90, read by fused_inception.sass: a pipelined K loop (tl.range
